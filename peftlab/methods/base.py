@@ -1,0 +1,312 @@
+"""The contract every method obeys, and the small helpers they share.
+
+A method is a :class:`Method` subclass with a dataclass config. The trainer
+talks to it only through these hooks::
+
+    method.apply(model, arch)                 freeze the base, inject modules
+    method.trainable_parameters(model)        {name: parameter} the method owns
+    method.param_groups(model, lr, wd)        optimizer groups (LoRA+ uses it)
+    method.on_train_start(model, total_steps) schedules that need the run length
+    method.extra_loss(model)                  a regulariser added to the loss, or None
+    method.after_backward(model, step)        work between backward and the step
+    method.state_dict(model) / load_state_dict(model, sd)   the adapter file
+
+Weight-space methods wrap each target layer in a :class:`WeightDeltaLayer`:
+the original module stays reachable as ``layer.base``, ``delta_weight()``
+returns W - W0 in fp32 without touching the layer, and ``merge()`` /
+``unmerge()`` fold the update in and out (a second call is a no-op).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from peftlab.errors import ConfigError
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method config has. Subclasses add their own."""
+
+    name: str = "?"
+
+
+# --------------------------------------------------------------------------- #
+# Layer helpers: Linear and GPT-2 Conv1D look the same from here on.
+# --------------------------------------------------------------------------- #
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, bitsandbytes' Linear4bit/Linear8bitLt (subclasses of it) or Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear-like module, whatever its storage."""
+    if is_conv1d(module):
+        return module.nf, module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """W0 as an fp32 (out, in) tensor; dequantizes 4-/8-bit bitsandbytes weights."""
+    weight = module.weight
+    if is_conv1d(module):
+        return weight.detach().float().t()
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes Params4bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, quant_state).float()
+    if weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None:  # bnb Int8Params
+        return weight.data.float() * weight.SCB.float().unsqueeze(1) / 127.0
+    return weight.detach().float()
+
+
+def to_base_layout(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """An (out, in) update in the layout of ``module.weight`` (Conv1D is transposed)."""
+    return delta.t() if is_conv1d(module) else delta
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, new)
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- #
+# Weight-space layers
+# --------------------------------------------------------------------------- #
+class WeightDeltaLayer(nn.Module):
+    """A wrapper whose effect is W0 -> W0 + ΔW on a linear-like ``base``.
+
+    Subclasses implement ``delta_weight()`` (fp32, (out, in)), ``branch(x)``
+    (the update's contribution to the output, so that
+    ``forward(x) == base(x) + branch(x)`` while unmerged) and
+    ``adapter_parameters()`` (role -> parameter). Low-rank layers also
+    implement ``factors()`` returning (B, A) with ΔW = B @ A.
+
+    Merging replaces the base weight by W0 + ΔW and keeps W0 aside, so
+    ``unmerge()`` restores it bit for bit (one extra copy of W0 while merged).
+    """
+
+    has_weight_delta: ClassVar[bool] = True
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.merged = False
+        self._original_weight: torch.Tensor | None = None
+
+    # -- the part a subclass writes ------------------------------------------ #
+    def delta_weight(self) -> torch.Tensor:  # (out, in), fp32
+        raise NotImplementedError
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, A) with ΔW = B @ A, for low-rank updates; None for dense ones."""
+        return None
+
+    # -- shared behaviour ---------------------------------------------------- #
+    @property
+    def shape(self) -> tuple[int, int]:
+        return linear_shape(self.base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        return out + self.branch(x).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        weight = self.base.weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise RuntimeError(
+                f"cannot merge into a {weight.dtype} base weight; export a dequantized copy instead"
+            )
+        self._original_weight = weight.data
+        delta = to_base_layout(self.base, self.delta_weight())
+        weight.data = (weight.data.float() + delta).to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base.weight.data = self._original_weight
+        self._original_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        out_f, in_f = self.shape
+        return f"in={in_f}, out={out_f}, merged={self.merged}"
+
+
+# --------------------------------------------------------------------------- #
+# The method contract
+# --------------------------------------------------------------------------- #
+class Method:
+    """Base class: a method object knows how to adapt a model and what it owns.
+
+    Class attributes a method sets:
+      name              registry key, e.g. "lora"
+      config_class      its dataclass config (unknown keys are errors)
+      has_weight_delta  False for prefix/prompt/bottleneck adapters: analysis skips them
+      mergeable         whether merge()/unmerge() exist for this method
+      layer_class       the wrapper type it injects (None when it injects none)
+      identity_at_init  whether the adapted model equals the base before training
+    """
+
+    name: ClassVar[str] = "?"
+    config_class: ClassVar[type] = MethodConfig
+    has_weight_delta: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False
+    layer_class: ClassVar[type | None] = None
+    identity_at_init: ClassVar[bool] = True  # False for prompt/prefix tuning: virtual tokens change outputs
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.validate_config()
+
+    # ---- checks ------------------------------------------------------------ #
+    def validate_config(self) -> None:
+        """Check values that need no model (ranges). Raise ConfigError."""
+
+    # ---- adaptation -------------------------------------------------------- #
+    def apply(self, model: nn.Module, arch: "Any") -> nn.Module:
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Injected adapter layers by module name."""
+        if self.layer_class is None:
+            return {}
+        return {n: m for n, m in model.named_modules() if isinstance(m, self.layer_class)}
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters this method trains (the task head is not included)."""
+        params: dict[str, nn.Parameter] = {}
+        for layer_name, layer in self.layers(model).items():
+            for role, p in layer.adapter_parameters().items():
+                if p.requires_grad:
+                    params[f"{layer_name}.{role}"] = p
+        return params
+
+    def expected_trainable(self, model: nn.Module) -> int:
+        """Closed-form count of trainable parameters (checked against the real count)."""
+        raise NotImplementedError
+
+    # ---- trainer hooks ----------------------------------------------------- #
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        params = list(self.trainable_parameters(model).values())
+        return [{"name": self.name, "params": params, "lr": lr, "weight_decay": weight_decay}]
+
+    def on_train_start(self, model: nn.Module, total_steps: int) -> None:
+        """Called once with the number of optimizer steps the run will take."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        """Called after gradients of optimizer step ``step`` exist, before the update."""
+
+    def summary(self, model: nn.Module) -> dict:
+        """Method-specific facts for result.json (final ranks, resolved groups...)."""
+        return {"modules": sorted(self.layers(model))}
+
+    # ---- merge ------------------------------------------------------------- #
+    def merge(self, model: nn.Module) -> None:
+        if not self.mergeable:
+            raise RuntimeError(f"method '{self.name}' has no weight delta to merge")
+        for layer in self.layers(model).values():
+            layer.merge()
+
+    def unmerge(self, model: nn.Module) -> None:
+        if not self.mergeable:
+            raise RuntimeError(f"method '{self.name}' has no weight delta to merge")
+        for layer in self.layers(model).values():
+            layer.unmerge()
+
+    def delta_weights(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """(module name, layer) pairs whose ``delta_weight()`` analysis can read."""
+        if not self.has_weight_delta:
+            raise ValueError(f"method '{self.name}' has no weight delta (not applicable)")
+        yield from self.layers(model).items()
+
+    # ---- the adapter file -------------------------------------------------- #
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.trainable_parameters(model).items()}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        own = self.trainable_parameters(model)
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"adapter does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for n, p in own.items():
+                if p.shape != state[n].shape:
+                    raise ValueError(f"adapter tensor {n}: shape {tuple(state[n].shape)} != {tuple(p.shape)}")
+                p.copy_(state[n].to(p.dtype))
+
+
+def check_int_range(key: str, value: int, low: int, high: int | float = math.inf, why: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not (low <= value <= high):
+        upper = "" if high == math.inf else f", {int(high)}"
+        raise ConfigError(key, f"got {value!r}; allowed: an integer in [{low}{upper}]{why}")
+
+
+def check_float_range(key: str, value: float, low: float, high: float, *, low_open=False, high_open=False) -> None:
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high):
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ConfigError(key, f"got {value!r}; allowed: a number in {lo}{low}, {high}{hi}")
+
+
+def count(params: dict[str, nn.Parameter] | list) -> int:
+    values = params.values() if isinstance(params, dict) else params
+    return sum(p.numel() for p in values)
+
+
+__all__ = [
+    "ConfigError",
+    "Method",
+    "MethodConfig",
+    "WeightDeltaLayer",
+    "base_weight",
+    "check_float_range",
+    "check_int_range",
+    "count",
+    "field",
+    "freeze",
+    "is_conv1d",
+    "is_linear_like",
+    "linear_shape",
+    "replace_module",
+    "to_base_layout",
+]

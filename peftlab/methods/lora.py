@@ -1,0 +1,156 @@
+"""LoRA: a trainable low-rank update beside a frozen linear layer.
+
+    x ──► base (W0, frozen) ─────────────────────┐
+    │                                            (+)──► y
+    └──► dropout ──► A (r×in) ──► B (out×r) ──► ×s ┘
+
+    y = W0 x + s · B A dropout(x),   s = α / r        (Hu et al. 2021, arXiv:2106.09685)
+                                     s = α / √r       (rsLoRA, Kalajdzievski 2023, arXiv:2312.03732)
+
+Init (as in the paper and peft): B = 0 so ΔW = s·BA = 0 at step 0; A is
+kaiming-uniform with a = √5 (``init=kaiming``, nn.Linear's default init) or
+N(0, 1/r) (``init=gaussian``).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.errors import ConfigError
+from peftlab.methods.base import (
+    Method,
+    MethodConfig,
+    WeightDeltaLayer,
+    check_float_range,
+    check_int_range,
+    freeze,
+    linear_shape,
+    replace_module,
+)
+from peftlab.targets import family_of, resolve_targets, target_key
+
+INITS = ("kaiming", "gaussian")
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    name: str = "lora"
+    r: int = 8                       # rank of ΔW = BA
+    alpha: float = 16.0              # scale s = alpha / r (usually 2*r)
+    dropout: float = 0.0             # dropout on the LoRA branch input
+    rslora: bool = False             # s = alpha / sqrt(r) instead
+    init: str = "kaiming"            # A's init: kaiming | gaussian; B = 0
+    targets: Any = field(default_factory=lambda: ["q", "v"])  # short names, groups, all-linear, re:<regex>
+    layers: Any = None               # None = all blocks, or [0, 1] / "0-3"
+    rank_pattern: dict = field(default_factory=dict)  # per-target rank override: {v: 16, "re:.*layers\.0\..*": 4}
+
+
+class LoRALayer(WeightDeltaLayer):
+    """y = base(x) + s · B A dropout(x); ΔW = s · B A (see module docstring)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, init: str = "kaiming"):
+        super().__init__(base)
+        out_features, in_features = linear_shape(base)
+        device = base.weight.device
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device))   # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))  # (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        nn.init.zeros_(self.lora_B)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A.to(x.dtype)
+        b = self.lora_B.to(x.dtype)
+        return F.linear(F.linear(self.dropout(x), a), b) * self.scaling  # (..., out)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s·B, A): ΔW = (s·B) @ A, shapes (out, r) and (r, in), fp32."""
+        return self.lora_B.detach().float() * self.scaling, self.lora_A.detach().float()
+
+    def delta_weight(self) -> torch.Tensor:
+        b, a = self.factors()
+        return b @ a
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"
+
+
+class LoRA(Method):
+    """Low-rank adaptation of the target linear layers (Hu et al. 2021)."""
+
+    name = "lora"
+    config_class = LoRAConfig
+    mergeable = True
+    layer_class = LoRALayer
+
+    def validate_config(self) -> None:
+        c = self.config
+        check_int_range("method.r", c.r, 1)
+        if c.alpha <= 0:
+            raise ConfigError("method.alpha", f"got {c.alpha!r}; allowed: a number > 0")
+        check_float_range("method.dropout", c.dropout, 0.0, 1.0, high_open=True)
+        if c.init not in INITS:
+            raise ConfigError("method.init", f"got {c.init!r}; allowed: {', '.join(INITS)}")
+        for key, rank in dict(c.rank_pattern).items():
+            check_int_range(f"method.rank_pattern.{key}", rank, 1)
+
+    def rank_for(self, family: str, module_name: str) -> int:
+        short = target_key(family, module_name)
+        for key, rank in dict(self.config.rank_pattern).items():
+            if key == short or (key.startswith("re:") and re.fullmatch(key[3:], module_name)):
+                return int(rank)
+        return self.config.r
+
+    def plan(self, model: nn.Module) -> dict[str, int]:
+        """Target module name -> rank; checks every rank fits its layer."""
+        family = family_of(model)
+        plan = {}
+        for name in resolve_targets(model, self.config.targets, self.config.layers):
+            rank = self.rank_for(family, name)
+            out_f, in_f = linear_shape(model.get_submodule(name))
+            key = "method.r" if rank == self.config.r else "method.rank_pattern"
+            check_int_range(key, rank, 1, min(out_f, in_f), f" (min(d, k) of {name})")
+            plan[name] = rank
+        return plan
+
+    def make_layer(self, base: nn.Module, rank: int) -> LoRALayer:
+        c = self.config
+        return LoRALayer(base, rank, c.alpha, c.dropout, c.rslora, c.init)
+
+    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
+        plan = self.plan(model)
+        freeze(model)
+        for name, rank in plan.items():
+            replace_module(model, name, self.make_layer(model.get_submodule(name), rank))
+        return model
+
+    def expected_trainable(self, model: nn.Module) -> int:
+        return sum(layer.r * sum(layer.shape) for layer in self.layers(model).values())
+
+    def summary(self, model: nn.Module) -> dict:
+        layers = self.layers(model)
+        return {
+            "modules": sorted(layers),
+            "ranks": {n: layer.r for n, layer in sorted(layers.items())},
+            "scaling": next(iter(layers.values())).scaling if layers else None,
+        }
+
