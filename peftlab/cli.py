@@ -1,0 +1,124 @@
+"""The ``peftlab`` command.
+
+    peftlab train [overrides]        one run            (Hydra: method=lora method.r=16 ...)
+    peftlab train -m [overrides]     a multirun sweep   (method=lora,dora seed=0,1,2)
+    peftlab demo [overrides]         the demo run (conf/experiment/demo.yaml)
+    peftlab analyze PATH... [opts]   spectra / ranks / similarity of runs or peft adapters
+    peftlab estimate [overrides]     memory estimate before a run
+
+Bad input prints one line, ``error: <key>: <what is allowed>``, and exits 2.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from peftlab.errors import ConfigError  # noqa: E402
+
+GROUPS = ("model", "task", "method", "optim", "trainer", "logger")
+USAGE = __doc__
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Catch bad group choices and bad keys before Hydra starts, with one line each."""
+    from peftlab.config import CONF_DIR, compose, validate
+
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in GROUPS and value and not any(c in value for c in ",*()[]"):
+            if not (CONF_DIR / key / f"{value}.yaml").exists():
+                options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+                raise ConfigError(key, f"unknown {key} {value!r}; allowed: {', '.join(options)}")
+    if any("," in o.partition("=")[2] for o in overrides if not o.startswith("hydra")):
+        return  # sweep values: each job is validated when it runs
+    try:
+        cfg = compose(overrides)
+    except Exception as err:  # Hydra's own composition errors
+        text = str(err)
+        bad = next((o for o in overrides if "=" in o and f"'{o.lstrip('+~').partition('=')[0]}'" in text), None)
+        key = bad.lstrip("+~").partition("=")[0] if bad else "overrides"
+        if bad is None or bad.startswith("+") or "Could not override" not in text:
+            raise ConfigError(key, text.splitlines()[0]) from None
+        # an unknown key: compose it with '+' so the group's schema names the allowed keys
+        try:
+            cfg = compose([("+" + o if o == bad else o) for o in overrides])
+        except Exception:
+            raise ConfigError(key, text.splitlines()[0]) from None
+    validate(cfg)
+
+
+def train_main(argv: list[str], experiment: str | None = None) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from peftlab.config import CONF_DIR
+    from peftlab.trainer import describe, run
+
+    multirun = "-m" in argv or "--multirun" in argv
+    overrides = [a for a in argv if not a.startswith("-")]
+    if experiment:
+        overrides = [f"+experiment={experiment}"] + overrides
+    try:
+        check_overrides(overrides)
+    except ConfigError as err:
+        return fail(str(err))
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _job(cfg) -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+        try:
+            result = run(cfg, run_dir)
+        except ConfigError as err:
+            if sweeping:  # one bad job must not stop a sweep; its result.json says failed
+                print(f"error: {err} ({run_dir})", file=sys.stderr)
+                return
+            raise SystemExit(fail(str(err)))
+        print(describe(result))
+
+    sys.argv = ["peftlab"] + ([a for a in argv if a.startswith("-") and a not in ("-m", "--multirun")])
+    sys.argv += (["--multirun"] if multirun else []) + overrides
+    try:
+        _job()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train_main(rest)
+    if command == "demo":
+        return train_main(rest, experiment="demo")
+    if command == "analyze":
+        from peftlab.analysis.cli import analyze_main
+
+        return analyze_main(rest)
+    if command == "estimate":
+        from peftlab.estimate_cli import estimate_main
+
+        return estimate_main(rest)
+    return fail(f"unknown command {command!r}; allowed: train, demo, analyze, estimate")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

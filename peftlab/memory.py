@@ -1,0 +1,56 @@
+"""Peak memory of the training phase: RSS high-water mark on CPU, max_memory_allocated on CUDA."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """``start()`` resets the high-water mark; ``peak_bytes()`` reads it.
+
+    CPU: Linux's VmHWM, reset by writing 5 to /proc/self/clear_refs, so the peak
+    belongs to training alone (model loading is excluded; the process's
+    resident baseline at reset is reported separately). Elsewhere the
+    lifetime peak from getrusage is used and ``kind`` says so.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "rss_peak"
+        self.baseline_bytes = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.kind = "rss_lifetime_peak"
+        self.baseline_bytes = (_status_kib("VmRSS") or 0) * 1024
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        hwm = _status_kib("VmHWM")
+        if hwm is not None:
+            return hwm * 1024
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def report(self) -> dict:
+        return {"kind": self.kind, "peak_bytes": self.peak_bytes(), "baseline_bytes": self.baseline_bytes}

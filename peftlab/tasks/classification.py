@@ -1,0 +1,110 @@
+"""Text classification on an encoder (a fresh head) or a causal LM (a verbalized prompt).
+
+Encoder: ``logits = head(encoder(text))``, cross-entropy over the classes.
+Causal LM: the prompt (``task.prompt`` with ``{text}``) is followed by the
+label word (``task.verbalizer[label]``, one token each). Training is plain
+next-token cross-entropy on that word; prediction compares the label words'
+logits at the last prompt position, so accuracy means the same thing for both.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.errors import ConfigError
+from peftlab.tasks.base import Task, pad
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+METRICS = ("accuracy", "f1")
+
+
+class ClassificationTask(Task):
+    def __init__(self, cfg, tokenizer, arch, splits, facts):
+        super().__init__(cfg, tokenizer, arch, splits, facts)
+        if cfg.metric not in METRICS:
+            raise ConfigError("task.metric", f"got {cfg.metric!r}; allowed for classification: {', '.join(METRICS)}")
+        self.metric_name = cfg.metric
+        self.num_labels = 1 + max(r["label"] for r in splits["train"])
+        self.causal = arch.kind == "causal"
+        if self.causal:
+            self.label_tokens = self._label_tokens()
+            self.head_text, _, self.tail_text = cfg.prompt.partition("{text}")
+            self.tail_ids = tokenizer(self.tail_text, add_special_tokens=False)["input_ids"]
+        self.encoded = {name: [self.encode(r) for r in records] for name, records in splits.items()}
+
+    def _label_tokens(self) -> list[int]:
+        words = list(self.cfg.verbalizer)
+        if len(words) < self.num_labels:
+            raise ConfigError("task.verbalizer", f"needs one word per class ({self.num_labels}); got {words}")
+        ids = []
+        for word in words:
+            tokens = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(tokens) != 1:
+                raise ConfigError("task.verbalizer", f"{word!r} is {len(tokens)} tokens for this tokenizer; allowed: single-token words")
+            ids.append(tokens[0])
+        return ids
+
+    def encode(self, record: dict):
+        max_length = self.cfg.max_length
+        if not self.causal:
+            enc = self.tokenizer(record["text"], truncation=True, max_length=max_length)
+            return enc["input_ids"], enc.get("token_type_ids"), record["label"]
+        budget = max_length - len(self.tail_ids) - 1
+        head = self.tokenizer(self.head_text + record["text"])["input_ids"][:budget]
+        prompt = head + self.tail_ids
+        # input = prompt + label word; the logits at the last prompt position predict the word
+        return prompt + [self.label_tokens[record["label"]]], len(prompt) - 1, record["label"]
+
+    def collate(self, examples):
+        if not self.causal:
+            ids, mask = pad([e[0] for e in examples], self.tokenizer.pad_token_id)
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e[2] for e in examples])}
+            if examples[0][1] is not None:
+                batch["token_type_ids"] = pad([e[1] for e in examples], 0)[0]
+            return batch
+        ids, mask = pad([e[0] for e in examples], self.tokenizer.pad_token_id)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "positions": torch.tensor([e[1] for e in examples]),
+            "labels": torch.tensor([e[2] for e in examples]),
+        }
+
+    def forward(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, class scores (B, num_labels))."""
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        logits = model(**inputs).logits
+        if not self.causal:
+            return F.cross_entropy(logits.float(), batch["labels"]), logits
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        at_answer = logits[rows, batch["positions"]].float()  # (B, V)
+        targets = torch.tensor(self.label_tokens, device=logits.device)[batch["labels"]]
+        return F.cross_entropy(at_answer, targets), at_answer[:, self.label_tokens]
+
+    def loss(self, model, batch):
+        return self.forward(model, batch)[0]
+
+    def evaluate_batches(self, model, batches):
+        predictions, references, losses = [], [], []
+        for batch in batches:
+            loss, scores = self.forward(model, batch)
+            losses.append(loss.item() * len(batch["labels"]))
+            predictions += scores.argmax(-1).tolist()
+            references += batch["labels"].tolist()
+        return {
+            **compute_metric(self.metric_name, predictions, references),
+            "loss": sum(losses) / max(len(references), 1),
+        }
+
+
+def compute_metric(name: str, predictions: list[int], references: list[int]) -> dict[str, float]:
+    if name == "accuracy":
+        import evaluate
+
+        return evaluate.load(str(METRICS_DIR / "accuracy.py")).compute(predictions=predictions, references=references)
+    from sklearn.metrics import f1_score
+
+    return {"f1": float(f1_score(references, predictions, average="macro"))}

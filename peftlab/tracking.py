@@ -1,0 +1,48 @@
+"""Per-step metrics: always to metrics.jsonl, and to W&B when logger=wandb (offline by default)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from peftlab.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str):
+        self.path = run_dir / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = self.path.open("a", encoding="utf-8")
+        self.wandb_run = None
+        if cfg.name == "wandb":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(
+                project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
+                mode=cfg.mode, dir=str(run_dir), name=name, config=config, reinit="finish_previous",
+            )
+
+    def log(self, step: int, values: dict) -> None:
+        self.handle.write(json.dumps({"step": step, **values}) + "\n")
+        self.handle.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(values)
+
+    def log_image(self, key: str, path: Path) -> None:
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Image(str(path))})
+
+    def finish(self) -> None:
+        self.handle.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

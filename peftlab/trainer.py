@@ -1,0 +1,325 @@
+"""One training loop for every method.
+
+    config ─► validate ─► method = METHODS[name](cfg)       (bad input stops here, before any loading)
+           ─► data splits ─► base model ─► task
+           ─► evaluate base (validation, test)
+           ─► method.apply(model) ─► optimizer over method.param_groups(...) + head
+           ─► loop: loss = task.loss + method.extra_loss ; backward ;
+                    method.after_backward ; clip ; step ; schedule
+           ─► evaluate tuned ─► adapter/ + result.json
+
+The loop knows methods only through their hooks, so every method runs
+through exactly this code: same data order, schedule, clipping and
+evaluation for all.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from peftlab.config import RunConfig, to_dict, validate
+from peftlab.errors import ConfigError
+from peftlab.memory import PeakMemory
+from peftlab.methods import method_class
+from peftlab.methods.base import count
+from peftlab.models import load_model
+from peftlab.optim import build_optimizer, build_scheduler
+from peftlab.results import SCHEMA_VERSION, now, provenance, write_json_atomic
+from peftlab.tasks import build_task, load_splits
+from peftlab.tasks.base import count_tokens, to_device
+from peftlab.tracking import Tracker
+
+log = logging.getLogger(__name__)
+HEAD_PREFIX = "__head__."
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def set_threads(threads: int) -> int:
+    """torch threads = the cores this process may use (oversubscription makes CPU runs much slower)."""
+    if threads <= 0:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", "cuda requested but no CUDA device is available; allowed: auto, cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.method = method_class(cfg.method.name)(cfg.method)  # validates the method's values
+        self.device = pick_device(cfg.trainer.device)
+        self.autocast = autocast_for(cfg.trainer.precision, self.device)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.threads = set_threads(cfg.trainer.threads)
+        seed_everything(cfg.seed)
+        splits, facts = load_splits(cfg.task)
+        num_labels = 1 + max(r.get("label", 0) for r in splits["train"])
+        self.model, self.tokenizer, self.arch = load_model(cfg.model, cfg.task.type, num_labels)
+        self.task = build_task(cfg.task, self.tokenizer, self.arch, splits, facts)
+        self.model.to(self.device)
+        self.total_parameters_base = sum(p.numel() for p in self.model.parameters())
+
+    def evaluate(self) -> dict:
+        batch_size = self.cfg.trainer.eval_batch_size
+        return {split: self.task.evaluate(self.model, split, batch_size, self.device, self.autocast)
+                for split in ("validation", "test")}
+
+    def apply_method(self) -> None:
+        seed_everything(self.cfg.seed)  # adapter init depends on the seed only
+        self.method.apply(self.model, self.arch)
+        self.model.to(self.device)
+        names = set(self.arch.head_parameters)
+        self.head = {n: p for n, p in self.model.named_parameters() if n in names}
+        for p in self.head.values():
+            p.requires_grad_(True)
+        self.own = self.method.trainable_parameters(self.model)
+        if self.cfg.trainer.gradient_checkpointing:
+            if not getattr(self.model, "supports_gradient_checkpointing", False):
+                raise ConfigError("trainer.gradient_checkpointing", f"{self.arch.name} does not support it; allowed: false")
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def parameter_counts(self) -> dict:
+        trainable = count(self.own)
+        head = count(self.head)
+        total = sum(p.numel() for p in self.model.parameters())
+        return {
+            "trainable": trainable,
+            "head": head,
+            "total": total,
+            "base_total": self.total_parameters_base,
+            "trainable_pct": 100.0 * trainable / self.total_parameters_base,
+            "expected_trainable": self.method.expected_trainable(self.model),
+        }
+
+    # ------------------------------------------------------------------- train
+    def total_steps(self) -> int:
+        t = self.cfg.trainer
+        if t.max_steps > 0:
+            return t.max_steps
+        per_epoch = self.task.num_train_batches(t.batch_size) / t.grad_accum
+        return max(1, math.ceil(t.epochs * per_epoch))
+
+    def batches(self):
+        """Endless stream of training batches; epoch e is shuffled with seed + e."""
+        epoch = 0
+        while True:
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+            for batch in self.task.train_batches(self.cfg.trainer.batch_size, generator):
+                yield epoch, batch
+            epoch += 1
+
+    def fit(self, tracker: Tracker) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        total_steps = self.total_steps()
+        groups = self.method.param_groups(self.model, cfg.optim.lr, cfg.optim.weight_decay)
+        optimizer = build_optimizer(cfg.optim, groups, list(self.head.values()))
+        scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+        self.method.on_train_start(self.model, total_steps)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+        self.model.train()
+        memory = PeakMemory(self.device)
+        memory.start()
+        stream = self.batches()
+        tokens = examples = 0
+        epoch = 0
+        loss_value = float("nan")
+        status, reason = "ok", None
+        start = time.perf_counter()
+        bar = tqdm(range(total_steps), desc=f"{cfg.method.name}", disable=not t.progress, dynamic_ncols=True)
+        for step in bar:
+            step_loss = 0.0
+            extra_value = 0.0
+            for _ in range(t.grad_accum):
+                epoch, batch = next(stream)
+                batch = to_device(batch, self.device)
+                with self.autocast():
+                    loss = self.task.loss(self.model, batch) / t.grad_accum
+                extra = self.method.extra_loss(self.model)
+                if extra is not None:
+                    extra = extra / t.grad_accum
+                    extra_value += float(extra.detach())
+                    loss = loss + extra
+                loss.backward()
+                step_loss += float(loss.detach())
+                tokens += count_tokens(batch)
+                examples += batch["input_ids"].shape[0]
+            loss_value = step_loss
+            if not math.isfinite(loss_value):
+                status, reason = "diverged", f"loss became {loss_value} at step {step}"
+                break
+            self.method.after_backward(self.model, step)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - start
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+            if step % t.log_every == 0 or step == total_steps - 1:
+                tracker.log(step, {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "extra_loss": extra_value,
+                                   "tokens": tokens, "tokens_per_s": tokens / elapsed, "epoch": epoch, "elapsed_s": elapsed})
+        bar.close()
+        train_time = time.perf_counter() - start
+        return {
+            "status": status,
+            "reason": reason,
+            "train": {
+                "steps": step + 1 if total_steps else 0,
+                "planned_steps": total_steps,
+                "epochs": examples / max(1, len(self.task.encoded["train"])),
+                "examples": examples,
+                "tokens": tokens,
+                "tokens_per_s": tokens / train_time if train_time > 0 else None,
+                "train_time_s": train_time,
+                "final_loss": loss_value,
+                "param_groups": [{"name": g.get("name", str(i)), "lr": g["initial_lr"], "count": count(g["params"])}
+                                 for i, g in enumerate(optimizer.param_groups)],
+            },
+            "memory": memory.report(),
+        }
+
+    # -------------------------------------------------------------------- save
+    def save_adapter(self) -> dict:
+        folder = self.run_dir / "adapter"
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = dict(self.method.state_dict(self.model))
+        tensors.update({HEAD_PREFIX + n: p.detach().cpu().contiguous() for n, p in self.head.items()})
+        save_file(tensors, folder / "adapter.safetensors")
+        config = {
+            "format": "peftlab-adapter-v1",
+            "method": self.cfg.method.name,
+            "method_config": asdict(self.cfg.method),
+            "model": asdict(self.cfg.model),
+            "task": {"name": self.cfg.task.name, "type": self.cfg.task.type},
+            "head_parameters": sorted(self.head),
+            "summary": self.method.summary(self.model),
+        }
+        write_json_atomic(folder / "adapter_config.json", config)
+        return {"path": "adapter", "files": ["adapter.safetensors", "adapter_config.json"]}
+
+
+def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
+    """Run one configuration end to end; always leaves a result.json in ``run_dir``.
+
+    A ConfigError (bad input) is recorded as ``failed`` and re-raised before
+    anything trains; any other exception is recorded as ``failed`` and re-raised.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = now()
+    wall_start = time.perf_counter()
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    raw.pop("hydra", None)
+    result: dict = {"schema_version": SCHEMA_VERSION, "status": "failed", "reason": "did not finish", "run_dir": str(run_dir),
+                    "config": raw, "seed": raw.get("seed")}
+    tracker = None
+    try:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(raw)), encoding="utf-8")
+        run_cfg = validate(cfg)
+        result["config"] = to_dict(run_cfg)
+        result["method"] = {"name": run_cfg.method.name, "config": asdict(run_cfg.method)}
+        result["task"] = {"name": run_cfg.task.name, "type": run_cfg.task.type, "metric": run_cfg.task.metric}
+        trainer = Trainer(run_cfg, run_dir)
+        trainer.setup()
+        arch = trainer.arch
+        result["model"] = {"name": arch.name, "path": arch.path, "family": arch.family, "kind": arch.kind}
+        result["data"] = trainer.task.facts
+        result["task"]["metric"] = trainer.task.metric_name
+        before = trainer.evaluate() if run_cfg.trainer.eval_before else None
+        trainer.apply_method()
+        result["params"] = trainer.parameter_counts()
+        tracker = Tracker(run_cfg.logger, run_dir, result["config"], name=run_dir.name)
+        outcome = trainer.fit(tracker)
+        result.update(outcome)
+        after = trainer.evaluate() if outcome["status"] == "ok" else None
+        result["metrics"] = {"before": before, "after": after}
+        result["method"]["summary"] = trainer.method.summary(trainer.model)
+        result["adapter"] = trainer.save_adapter() if run_cfg.trainer.save_adapter and outcome["status"] == "ok" else None
+        tracker.summary(summary_line(result))
+        result["provenance"] = provenance(trainer.device, started)
+    except BaseException as err:  # recorded, then re-raised for the caller
+        result["status"] = "failed"
+        result["reason"] = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+        result.setdefault("provenance", provenance(torch.device("cpu"), started))
+        result["wall_time_s"] = time.perf_counter() - wall_start
+        write_json_atomic(run_dir / "result.json", result)
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish()
+    result["wall_time_s"] = time.perf_counter() - wall_start
+    write_json_atomic(run_dir / "result.json", result)
+    return result
+
+
+def summary_line(result: dict) -> dict:
+    """The headline numbers of a run (W&B summary, CLI printout)."""
+    metric = result["task"]["metric"]
+    metrics = result.get("metrics") or {}
+    pick = lambda when: ((metrics.get(when) or {}).get("test") or {}).get(metric)  # noqa: E731
+    return {
+        "status": result["status"],
+        "method": result["method"]["name"],
+        f"test_{metric}_before": pick("before"),
+        f"test_{metric}_after": pick("after"),
+        "trainable": (result.get("params") or {}).get("trainable"),
+        "train_time_s": (result.get("train") or {}).get("train_time_s"),
+    }
+
+
+def describe(result: dict) -> str:
+    s = summary_line(result)
+    metric = result["task"]["metric"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [
+        f"status      {result['status']}" + (f" ({result['reason']})" if result.get("reason") else ""),
+        f"model       {result['model']['name']}   task {result['task']['name']}   method {s['method']}",
+        f"test {metric:<7} {fmt(s[f'test_{metric}_before'])} (base) -> {fmt(s[f'test_{metric}_after'])} (tuned)",
+        f"trainable   {s['trainable']:,} params of {result['params']['base_total']:,} "
+        f"({result['params']['trainable_pct']:.3f}%) + head {result['params']['head']:,}",
+        f"time        {result['train']['train_time_s']:.1f} s training, {result['wall_time_s']:.1f} s wall, "
+        f"{result['train']['tokens_per_s']:.0f} tokens/s, peak {result['memory']['peak_bytes'] / 2**20:.0f} MiB "
+        f"({result['memory']['kind']})",
+        f"files       {result['run_dir']}/result.json, metrics.jsonl, adapter/",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["Trainer", "run", "describe", "summary_line"]
