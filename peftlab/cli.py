@@ -31,8 +31,12 @@ def fail(message: str, code: int = 2) -> int:
     return code
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Catch bad group choices and bad keys before Hydra starts, with one line each."""
+def check_overrides(overrides: list[str]) -> list[str]:
+    """Catch bad group choices and bad keys before Hydra starts, with one line each.
+
+    Returns the overrides to hand to Hydra: a key that the group's schema has but
+    its YAML does not state (``task.path``) gets Hydra's '+' prefix added.
+    """
     from peftlab.config import CONF_DIR, compose, validate
 
     for override in overrides:
@@ -42,7 +46,7 @@ def check_overrides(overrides: list[str]) -> None:
                 options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
                 raise ConfigError(key, f"unknown {key} {value!r}; allowed: {', '.join(options)}")
     if any("," in o.partition("=")[2] for o in overrides if not o.startswith("hydra")):
-        return  # sweep values: each job is validated when it runs
+        return overrides  # sweep values: each job is validated when it runs
     try:
         cfg = compose(overrides)
     except Exception as err:  # Hydra's own composition errors
@@ -51,12 +55,12 @@ def check_overrides(overrides: list[str]) -> None:
         key = bad.lstrip("+~").partition("=")[0] if bad else "overrides"
         if bad is None or bad.startswith("+") or "Could not override" not in text:
             raise ConfigError(key, text.splitlines()[0]) from None
-        # an unknown key: compose it with '+' so the group's schema names the allowed keys
-        try:
-            cfg = compose([("+" + o if o == bad else o) for o in overrides])
-        except Exception:
-            raise ConfigError(key, text.splitlines()[0]) from None
+        # a key the YAML does not state: add it with '+'; the group's schema then accepts it or
+        # names the allowed keys
+        overrides = [("+" + o if o == bad else o) for o in overrides]
+        return check_overrides(overrides)
     validate(cfg)
+    return overrides
 
 
 def train_main(argv: list[str], experiment: str | None = None) -> int:
@@ -72,7 +76,7 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
     if experiment:
         overrides = [f"+experiment={experiment}"] + overrides
     try:
-        check_overrides(overrides)
+        overrides = check_overrides(overrides)
     except ConfigError as err:
         return fail(str(err))
 

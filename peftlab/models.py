@@ -13,6 +13,7 @@ dependencies): its folder is found with importlib.util.find_spec.
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import logging
 import os
@@ -95,13 +96,24 @@ def _load_pretrained(auto_cls, location: str, cfg: ModelConfig, **kwargs):
         model, info = auto_cls.from_pretrained(
             location, gguf_file=cfg.gguf_file, dtype=dtype, output_loading_info=True, **kwargs
         )
+        save_dequantized(model, cached.with_name(cached.name + f".tmp{os.getpid()}"))
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        model.save_pretrained(tmp)
         load_tokenizer(location, cfg).save_pretrained(tmp)
         if not cached.exists():  # another process may have finished first
             os.replace(tmp, cached)
         return model, info
     return auto_cls.from_pretrained(location, dtype=dtype, output_loading_info=True, **kwargs)
+
+
+def save_dequantized(model: nn.Module, folder: Path) -> None:
+    """Save a GGUF-loaded model as a plain fp32 checkpoint (save_pretrained refuses GGUF models)."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    save_model(model, str(folder / "model.safetensors"))  # handles the tied embedding / lm_head
 
 
 def load_tokenizer(location: str, cfg: ModelConfig):

@@ -92,6 +92,7 @@ class Trainer:
         num_labels = 1 + max(r.get("label", 0) for r in splits["train"])
         self.model, self.tokenizer, self.arch = load_model(cfg.model, cfg.task.type, num_labels)
         self.task = build_task(cfg.task, self.tokenizer, self.arch, splits, facts)
+        self.method.check(self.model, self.arch)  # bad targets / ranks stop here, before any evaluation
         self.model.to(self.device)
         self.total_parameters_base = sum(p.numel() for p in self.model.parameters())
 

@@ -196,8 +196,12 @@ class Method:
     def validate_config(self) -> None:
         """Check values that need no model (ranges). Raise ConfigError."""
 
+    def check(self, model: nn.Module, arch: Any = None) -> None:
+        """Check the config against the model without changing it (the trainer calls this
+        before evaluating the base, so bad targets or ranks fail in seconds). Raise ConfigError."""
+
     # ---- adaptation -------------------------------------------------------- #
-    def apply(self, model: nn.Module, arch: "Any") -> nn.Module:
+    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
         raise NotImplementedError
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:

@@ -36,16 +36,19 @@ class BitFit(Method):
     config_class = BitFitConfig
     has_weight_delta = False  # it moves biases, not weight matrices: no ΔW spectrum
 
-    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
+    def check(self, model: nn.Module, arch: Any = None) -> None:
         self._head = set(getattr(arch, "head_parameters", ()) or ())
-        biases = _biases(model, self._head)
-        if not biases:
+        if not _biases(model, self._head):
             model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
             raise ConfigError(
                 "method",
                 f"bitfit needs bias parameters, and this {model_type} model has none; "
                 "allowed: a model with biases (e.g. minilm) or another method",
             )
+
+    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
+        self.check(model, arch)
+        biases = _biases(model, self._head)
         freeze(model)
         for p in biases.values():
             p.requires_grad_(True)

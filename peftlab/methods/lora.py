@@ -132,6 +132,9 @@ class LoRA(Method):
             plan[name] = rank
         return plan
 
+    def check(self, model: nn.Module, arch: Any = None) -> None:
+        self.plan(model)
+
     def make_layer(self, base: nn.Module, rank: int) -> LoRALayer:
         c = self.config
         return LoRALayer(base, rank, c.alpha, c.dropout, c.rslora, c.init)
