@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from peftlab.config import ModelConfig
@@ -45,7 +45,7 @@ def load_run(run_dir: Path, device: str = "cpu"):
     config = read_adapter_config(adapter_dir)
     try:
         tensors = load_file(adapter_dir / "adapter.safetensors")
-    except (OSError, SafetensorsError) as err:
+    except (OSError, SafetensorError) as err:
         raise ValueError(f"{adapter_dir / 'adapter.safetensors'}: cannot read ({err})") from None
     method_cls = method_class(config["method"])
     method_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(method_cls.config_class), config["method_config"]))

@@ -33,7 +33,7 @@ def tiny_bert(seed: int = 0, num_labels: int = 2):
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels,
     )
-    return BertForSequenceClassification(config).eval()
+    return randomize_biases(BertForSequenceClassification(config).eval(), seed)
 
 
 def tiny_gpt2(seed: int = 0):
@@ -41,7 +41,18 @@ def tiny_gpt2(seed: int = 0):
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(config).eval()
+    return randomize_biases(GPT2LMHeadModel(config).eval(), seed)
+
+
+@torch.no_grad()
+def randomize_biases(model, seed: int = 0):
+    """HF inits biases to zero; random ones let tests catch an adapter that mishandles bias."""
+    generator = torch.Generator().manual_seed(seed + 99)
+    for module in model.modules():
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.nn.Parameter):
+            bias.copy_(torch.randn(bias.shape, generator=generator) * 0.1)
+    return model
 
 
 TINY = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}

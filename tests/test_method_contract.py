@@ -20,7 +20,11 @@ from peftlab.methods.base import WeightDeltaLayer, base_weight, count
 
 # Which tiny model each method is checked on (default: llama) and config overrides.
 MODEL_FOR = {"bitfit": "bert"}
-CONFIG_FOR: dict[str, dict] = {}
+CONFIG_FOR: dict[str, dict] = {
+    "vera": {"r": 8},  # paper r=256 exceeds the tiny model's 16-wide v projection
+    # paper r=64 exceeds the tiny model's 16-wide k/v; fp32 compute so forward == F.linear(x, dequant(W0) + ΔW) exactly
+    "qlora": {"r": 8, "compute_dtype": "float32"},
+}
 
 
 def build(name: str, seed: int = 0):

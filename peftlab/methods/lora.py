@@ -143,7 +143,9 @@ class LoRA(Method):
         plan = self.plan(model)
         freeze(model)
         for name, rank in plan.items():
-            replace_module(model, name, self.make_layer(model.get_submodule(name), rank))
+            layer = self.make_layer(model.get_submodule(name), rank)
+            layer.train(model.training)  # a new Dropout must follow the model's mode, not default to train
+            replace_module(model, name, layer)
         return model
 
     def expected_trainable(self, model: nn.Module) -> int:

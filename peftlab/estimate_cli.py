@@ -1,0 +1,165 @@
+"""``peftlab estimate [overrides] [--json] [--measure]``: will this run fit, before running it.
+
+Overrides use the training config's keys (a small key=value parser for now; the Hydra
+composition can replace :func:`parse_overrides` without touching the rest)::
+
+    peftlab estimate model=llama-2-7b method=qlora trainer.batch_size=4 task.max_length=2048 \\
+        trainer.precision=bf16 trainer.gradient_checkpointing=true
+    peftlab estimate model=hf model.path=/data/Llama-3.2-1B method=lora method.r=16 \\
+        method.targets=all-linear --json
+    peftlab estimate model=llama-2-7b mode=inference trainer.precision=bf16 task.max_length=2048 trainer.batch_size=1
+
+Keys read (everything else in a known group is accepted and ignored, as it does not change memory):
+
+    model                 a preset (peftlab/presets/*.json), 'hf' with model.path, or a config path
+    model.path, model.dtype (float32 | bfloat16: the stored base; default = trainer.precision)
+    method, method.<key>  any method key; method.base_quant (none|nf4|fp4|int8), method.double_quant
+    trainer.batch_size, trainer.precision (fp32|bf16|fp16), trainer.gradient_checkpointing,
+    trainer.device (cuda|cpu|auto), task.max_length, optim.name (adamw|adamw8bit), mode (train|inference)
+    task (lm | sentiment) or task.type (lm | classification): the loss over every position, or one
+    estimate.kv_cache_len, estimate.attention (auto|sdpa|math|eager), estimate.overhead_gb,
+    estimate.master_weights, estimate.padded (batches carry padding)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import yaml
+
+from peftlab.errors import ConfigError
+from peftlab.estimate import GB, GiB, PARTS, Estimate, estimate
+
+# Defaults of conf/config.yaml (model minilm, task sentiment, method lora, trainer default, optim adamw).
+DEFAULTS: dict[str, Any] = {
+    "model": "minilm", "method": "lora", "trainer.batch_size": 32, "task.max_length": 64,
+    "trainer.precision": "fp32", "trainer.gradient_checkpointing": False, "trainer.device": "auto",
+    "optim.name": "adamw", "mode": "train",
+}
+TASK_TYPES = {"lm": "lm", "sentiment": "classification"}  # conf/task/*.yaml: type
+GROUPS = ("model", "method", "task", "trainer", "optim", "logger", "experiment", "estimate", "hydra",
+          "mode", "seed", "out_dir")
+
+# Plug point for --measure: a callable (overrides) -> measured peak in bytes. None: peftlab.memory.
+measure_fn: Callable[[list[str]], int] | None = None
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """``key=value`` tokens -> {key: value}; values are read as YAML (``[q,v]``, ``true``, ``16``)."""
+    values: dict[str, Any] = {}
+    for token in tokens:
+        key, sep, raw = token.lstrip("+").partition("=")
+        if not sep or not key:
+            raise ConfigError(token, "expected key=value (e.g. trainer.batch_size=8)")
+        if key.split(".")[0] not in GROUPS:
+            raise ConfigError(key, f"unknown key; allowed groups: {', '.join(GROUPS)}")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        values[key] = value
+    return values
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(key, f"got {value!r}; allowed: true, false")
+
+
+def build_estimate(values: dict[str, Any], device_hint: str | None = None) -> Estimate:
+    """Call :func:`peftlab.estimate.estimate` with the values of parsed overrides."""
+    v = {**DEFAULTS, **values}
+    model = v["model"]
+    if model == "hf" or "model.path" in v:
+        model = v.get("model.path")
+        if not model:
+            raise ConfigError("model.path", "model=hf needs model.path=<config.json or model directory>")
+    method = v["method"]
+    method_cfg = {k.split(".", 1)[1]: val for k, val in v.items() if k.startswith("method.")}
+    base_quant = method_cfg.pop("base_quant", None)  # the estimator's own: a PEFT method over a quantized base
+    double_quant = None if method == "qlora" else method_cfg.pop("double_quant", None)
+    device = v.get("estimate.device") or v["trainer.device"]
+    if device == "auto":
+        device = device_hint or "cuda"  # planning for a GPU unless told otherwise
+    overhead_gb = v.get("estimate.overhead_gb")
+    if overhead_gb is not None and (not isinstance(overhead_gb, (int, float)) or overhead_gb < 0):
+        raise ConfigError("estimate.overhead_gb", f"got {overhead_gb!r}; allowed: a number >= 0 (GiB)")
+    return estimate(
+        str(model), method, method_cfg,
+        batch_size=v["trainer.batch_size"], seq_len=v["task.max_length"],
+        precision=str(v["trainer.precision"]),
+        gradient_checkpointing=_bool("trainer.gradient_checkpointing", v["trainer.gradient_checkpointing"]),
+        optimizer=str(v["optim.name"]), mode=str(v["mode"]),
+        base_quant=None if base_quant is None else str(base_quant), double_quant=double_quant,
+        kv_cache_len=v.get("estimate.kv_cache_len"),
+        weights_dtype=v.get("model.dtype"),
+        master_weights=_bool("estimate.master_weights", v.get("estimate.master_weights", True)),
+        device=str(device), attention=str(v.get("estimate.attention", "auto")),
+        task=str(v.get("task.type") or TASK_TYPES.get(str(v.get("task")), "auto")),
+        padded=_bool("estimate.padded", v.get("estimate.padded", False)),
+        overhead_bytes=None if overhead_gb is None else int(overhead_gb * GiB),
+    )
+
+
+def _default_measure(overrides: list[str]) -> int:
+    from peftlab.memory import measure_training_peak  # lazy: pulls in the trainer
+
+    return int(measure_training_peak(overrides, steps=3))
+
+
+def _measured_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def estimate_main(argv: list[str], measure: Callable[[list[str]], int] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peftlab estimate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="key=value, as for peftlab train")
+    parser.add_argument("--json", action="store_true", help="print JSON: total_bytes and one key per part")
+    parser.add_argument("--measure", action="store_true", help="also run 3 real steps and report the measured peak")
+    args = parser.parse_args(argv)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU-kernel notice says nothing about memory
+    try:
+        values = parse_overrides(args.overrides)
+        # --measure compares with this machine: estimate for the device the steps will run on.
+        result = build_estimate(values, device_hint=_measured_device() if args.measure else None)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = result.to_dict()
+    if args.measure:
+        fn = measure or measure_fn or _default_measure
+        try:
+            measured = fn(args.overrides)
+        except (ImportError, AttributeError) as err:
+            print(f"error: --measure needs peftlab.memory.measure_training_peak ({err})", file=sys.stderr)
+            return 2
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        out["measured_peak_bytes"] = int(measured)
+        out["estimate_error"] = result.allocated_bytes / measured - 1 if measured else None
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(result.format_table())
+    if args.measure:
+        print(f"{'measured peak':<20}{out['measured_peak_bytes'] / GiB:>10.2f}{out['measured_peak_bytes'] / GB:>10.2f}"
+              f"   (estimate without overhead {result.allocated_bytes / GiB:.2f} GiB, "
+              f"{100 * (out['estimate_error'] or 0):+.1f}%)")
+    return 0
+
+
+__all__ = ["DEFAULTS", "PARTS", "build_estimate", "estimate_main", "measure_fn", "parse_overrides"]
+
+
+if __name__ == "__main__":  # python -m peftlab.estimate_cli ...
+    sys.exit(estimate_main(sys.argv[1:]))
