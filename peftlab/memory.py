@@ -54,3 +54,33 @@ class PeakMemory:
 
     def report(self) -> dict:
         return {"kind": self.kind, "peak_bytes": self.peak_bytes(), "baseline_bytes": self.baseline_bytes}
+
+
+def measure_training_peak(overrides: list[str], steps: int = 3) -> int:
+    """Bytes the training phase of this configuration adds at its peak (``peftlab estimate --measure``).
+
+    Runs ``steps`` real optimizer steps through the trainer (no evaluation, no saving) and
+    returns peak minus the baseline at the start of training: RSS growth on CPU,
+    ``max_memory_allocated`` on CUDA (where the baseline is the resident weights).
+    """
+    import tempfile
+
+    from peftlab.config import compose, validate
+    from peftlab.trainer import Trainer
+    from peftlab.tracking import Tracker
+
+    run_overrides = [o for o in overrides if o.partition("=")[0].split(".")[0] not in ("mode", "estimate")]
+    cfg = validate(compose(run_overrides + [f"trainer.max_steps={steps}", "trainer.eval_before=false",
+                                            "trainer.save_adapter=false", "trainer.progress=false", "logger=none"]))
+    with tempfile.TemporaryDirectory(prefix="peftlab-measure-") as tmp:
+        trainer = Trainer(cfg, Path(tmp))
+        trainer.setup()
+        trainer.apply_method()
+        tracker = Tracker(cfg.logger, Path(tmp), {}, name="measure")
+        try:
+            report = trainer.fit(tracker)["memory"]
+        finally:
+            tracker.finish()
+    if report["kind"] == "cuda_max_memory_allocated":
+        return report["peak_bytes"]
+    return report["peak_bytes"] - report["baseline_bytes"]

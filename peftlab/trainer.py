@@ -38,6 +38,7 @@ from peftlab.models import load_model
 from peftlab.optim import build_optimizer, build_scheduler
 from peftlab.results import SCHEMA_VERSION, now, provenance, write_json_atomic
 from peftlab.tasks import build_task, load_splits
+from peftlab.tasks.probes import build_probes, evaluate_probes, forgetting_report
 from peftlab.tasks.base import count_tokens, to_device
 from peftlab.tracking import Tracker
 
@@ -92,6 +93,7 @@ class Trainer:
         num_labels = 1 + max(r.get("label", 0) for r in splits["train"])
         self.model, self.tokenizer, self.arch = load_model(cfg.model, cfg.task.type, num_labels)
         self.task = build_task(cfg.task, self.tokenizer, self.arch, splits, facts)
+        self.probes = build_probes(cfg.task.probes, self.tokenizer, self.arch, cfg.task)
         self.method.check(self.model, self.arch)  # bad targets / ranks stop here, before any evaluation
         self.model.to(self.device)
         self.total_parameters_base = sum(p.numel() for p in self.model.parameters())
@@ -100,6 +102,9 @@ class Trainer:
         batch_size = self.cfg.trainer.eval_batch_size
         return {split: self.task.evaluate(self.model, split, batch_size, self.device, self.autocast)
                 for split in ("validation", "test")}
+
+    def evaluate_probes(self) -> dict[str, float]:
+        return evaluate_probes(self.model, self.probes, self.device, self.autocast, self.cfg.trainer.eval_batch_size)
 
     def apply_method(self) -> None:
         seed_everything(self.cfg.seed)  # adapter init depends on the seed only
@@ -264,13 +269,17 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
         result["data"] = trainer.task.facts
         result["task"]["metric"] = trainer.task.metric_name
         before = trainer.evaluate() if run_cfg.trainer.eval_before else None
+        probes_before = trainer.evaluate_probes() if run_cfg.trainer.eval_before else None
         trainer.apply_method()
         result["params"] = trainer.parameter_counts()
         tracker = Tracker(run_cfg.logger, run_dir, result["config"], name=run_dir.name)
         outcome = trainer.fit(tracker)
         result.update(outcome)
+        result["memory"]["estimate"] = estimate_for(run_cfg, trainer.device)
         after = trainer.evaluate() if outcome["status"] == "ok" else None
         result["metrics"] = {"before": before, "after": after}
+        if trainer.probes and probes_before is not None and after is not None:
+            result["forgetting"] = forgetting_report(trainer.probes, probes_before, trainer.evaluate_probes())
         result["method"]["summary"] = trainer.method.summary(trainer.model)
         result["adapter"] = trainer.save_adapter() if run_cfg.trainer.save_adapter and outcome["status"] == "ok" else None
         tracker.summary(summary_line(result))
@@ -288,6 +297,23 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
     result["wall_time_s"] = time.perf_counter() - wall_start
     write_json_atomic(run_dir / "result.json", result)
     return result
+
+
+def estimate_for(cfg: RunConfig, device: torch.device) -> dict:
+    """``peftlab estimate`` for this run, stored beside the measured peak (never fails the run)."""
+    from peftlab.estimate import estimate
+
+    preset_or_path = cfg.model.name if cfg.model.source == "package" else cfg.model.path
+    try:
+        est = estimate(
+            preset_or_path, cfg.method.name, asdict(cfg.method), batch_size=cfg.trainer.batch_size,
+            seq_len=cfg.task.max_length, precision=cfg.trainer.precision,
+            gradient_checkpointing=cfg.trainer.gradient_checkpointing, optimizer=cfg.optim.name,
+            weights_dtype=cfg.model.dtype, device=device.type, task=cfg.task.type,
+        )
+    except Exception as err:  # an estimate is a convenience: say why it is missing
+        return {"error": f"{type(err).__name__}: {err}"}
+    return est.to_dict()
 
 
 def summary_line(result: dict) -> dict:
