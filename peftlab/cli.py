@@ -41,10 +41,11 @@ def check_overrides(overrides: list[str]) -> list[str]:
 
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if key in GROUPS and value and not any(c in value for c in ",*()[]"):
-            if not (CONF_DIR / key / f"{value}.yaml").exists():
-                options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-                raise ConfigError(key, f"unknown {key} {value!r}; allowed: {', '.join(options)}")
+        if key in GROUPS and value and not any(c in value for c in "*()[]"):
+            for choice in value.split(","):  # a sweep lists several
+                if not (CONF_DIR / key / f"{choice}.yaml").exists():
+                    options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+                    raise ConfigError(key, f"unknown {key} {choice!r}; allowed: {', '.join(options)}")
     if any("," in o.partition("=")[2] for o in overrides if not o.startswith("hydra")):
         return overrides  # sweep values: each job is validated when it runs
     try:

@@ -32,7 +32,7 @@ def no_ok_result(tmp_path: Path):
         (["task=nosuch"], r"^error: task: unknown task 'nosuch'; allowed: .*sentiment"),
         (["model=nosuch"], r"^error: model: unknown model 'nosuch'; allowed: .*minilm"),
         (["method.rank=4"], r"^error: method\.rank: unknown key; allowed keys: .*\br\b"),
-        (["method.r=0"], r"^error: method\.r: got 0; allowed: an integer in \[1"),
+        (["method.r=0"], r"^error: method\.r: got 0; allowed: an integer >= 1$"),
         (["method.r=-3"], r"^error: method\.r: got -3; allowed"),
         (["method.alpha=0"], r"^error: method\.alpha: got 0.0; allowed: a number > 0"),
         (["method.dropout=1.0"], r"^error: method\.dropout: got 1.0; allowed: a number in \[0.0, 1.0\)"),
@@ -76,6 +76,5 @@ def test_command_line_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "peftlab.cli", "train", "method.r=0", f"out_dir={tmp_path}"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: method.r: got 0; allowed: an integer in [1, inf)" or \
-        proc.stderr.strip().startswith("error: method.r: got 0; allowed: an integer in [1")
+    assert proc.stderr.strip() == "error: method.r: got 0; allowed: an integer >= 1"
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -279,8 +279,8 @@ class Method:
 
 def check_int_range(key: str, value: int, low: int, high: int | float = math.inf, why: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not (low <= value <= high):
-        upper = "" if high == math.inf else f", {int(high)}"
-        raise ConfigError(key, f"got {value!r}; allowed: an integer in [{low}{upper}]{why}")
+        allowed = f"an integer >= {low}" if high == math.inf else f"an integer in [{low}, {int(high)}]"
+        raise ConfigError(key, f"got {value!r}; allowed: {allowed}{why}")
 
 
 def check_float_range(key: str, value: float, low: float, high: float, *, low_open=False, high_open=False) -> None:
