@@ -33,7 +33,7 @@ from peftlab.config import RunConfig, to_dict, validate
 from peftlab.errors import ConfigError
 from peftlab.memory import PeakMemory
 from peftlab.methods import method_class
-from peftlab.methods.base import count
+from peftlab.methods.base import count, logical_numel
 from peftlab.models import load_model
 from peftlab.optim import build_optimizer, build_scheduler
 from peftlab.results import SCHEMA_VERSION, now, provenance, write_json_atomic
@@ -123,7 +123,7 @@ class Trainer:
     def parameter_counts(self) -> dict:
         trainable = count(self.own)
         head = count(self.head)
-        total = sum(p.numel() for p in self.model.parameters())
+        total = sum(logical_numel(p) for p in self.model.parameters())  # QLoRA packs 2 weights per byte
         return {
             "trainable": trainable,
             "head": head,

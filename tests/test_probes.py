@@ -96,6 +96,14 @@ def test_selection_is_deterministic_and_texts_differ_between_probes(tokenizer):
     assert first[0].texts != first[1].texts
 
 
+def test_probe_texts_are_no_longer_than_the_tasks_examples(tokenizer):
+    short_task = TaskConfig(name="sentiment", source="rotten_tomatoes", max_length=16)
+    lm, retrieval = (build_probes([name], tokenizer, arch, short_task)[0] for name, arch in
+                     (("code", CAUSAL), ("retrieval", ENCODER)))
+    assert max(map(len, lm.texts)) == 16
+    assert max(len(e["input_ids"]) for e in retrieval.questions + retrieval.answers) == 16
+
+
 def test_forgetting_sign_convention():
     loss_probe = LMProbe("english", [[1, 2]], pad_id=0)
     recall_probe = RetrievalProbe("retrieval", [], [], pad_id=0)

@@ -292,6 +292,12 @@ def check_float_range(key: str, value: float, low: float, high: float, *, low_op
         raise ConfigError(key, f"got {value!r}; allowed: a number in {lo}{low}, {high}{hi}")
 
 
+def logical_numel(p: torch.Tensor) -> int:
+    """Elements of the weight a parameter stands for: a packed 4-bit tensor holds two per byte."""
+    quant_state = getattr(p, "quant_state", None)
+    return int(quant_state.shape.numel()) if quant_state is not None else p.numel()
+
+
 def count(params: dict[str, nn.Parameter] | list) -> int:
     values = params.values() if isinstance(params, dict) else params
     return sum(p.numel() for p in values)
