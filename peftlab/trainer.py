@@ -192,11 +192,11 @@ class Trainer:
                 break
             self.method.after_backward(self.model, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - start
-            lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
             if step % t.log_every == 0 or step == total_steps - 1:
                 tracker.log(step, {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "extra_loss": extra_value,
