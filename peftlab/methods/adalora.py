@@ -144,10 +144,6 @@ class AdaLoRALayer(WeightDeltaLayer):
         b = self.lora_P.detach().float() * self.singular_values().detach().float() * self.scaling
         return b, self.lora_Q.detach().float()
 
-    def delta_weight(self) -> torch.Tensor:
-        b, a = self.factors()
-        return b @ a
-
     def orthogonality(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖PᵀP − I‖_F, ‖QQᵀ − I‖_F), differentiable."""
         eye = torch.eye(self.r, device=self.lora_P.device, dtype=self.lora_P.dtype)

@@ -116,7 +116,12 @@ class WeightDeltaLayer(nn.Module):
 
     # -- the part a subclass writes ------------------------------------------ #
     def delta_weight(self) -> torch.Tensor:  # (out, in), fp32
-        raise NotImplementedError
+        """Low-rank layers get ΔW = B @ A from ``factors()``; dense ones override this."""
+        factors = self.factors()
+        if factors is None:
+            raise NotImplementedError(f"{type(self).__name__} must define delta_weight() or factors()")
+        b, a = factors
+        return b @ a
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

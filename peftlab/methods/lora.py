@@ -83,10 +83,6 @@ class LoRALayer(WeightDeltaLayer):
         """(s·B, A): ΔW = (s·B) @ A, shapes (out, r) and (r, in), fp32."""
         return self.lora_B.detach().float() * self.scaling, self.lora_A.detach().float()
 
-    def delta_weight(self) -> torch.Tensor:
-        b, a = self.factors()
-        return b @ a
-
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 

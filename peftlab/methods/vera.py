@@ -112,10 +112,6 @@ class VeRALayer(WeightDeltaLayer):
         a = self.lambda_d.detach().float().unsqueeze(1) * a_matrix.float()
         return b, a
 
-    def delta_weight(self) -> torch.Tensor:
-        b, a = self.factors()
-        return b @ a
-
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lambda_b": self.lambda_b, "lambda_d": self.lambda_d}
 
