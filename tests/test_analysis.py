@@ -533,3 +533,18 @@ def test_diverged_adapter_gives_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"error: {tmp_path / 'adapter'}: module model.layers.1.self_attn.v_proj: "
                    "update has non-finite entries (diverged run?)")
+
+
+def test_wandb_logger_gets_the_tables_and_plots(tmp_path, monkeypatch):
+    """`--logger wandb` (offline, no login) writes a W&B run holding every table and plot."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    save_peft_adapter(tmp_path / "adapter")
+    out = tmp_path / "out"
+    assert analyze_main([str(tmp_path / "adapter"), "--out", str(out), "--logger", "wandb"]) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = {p.name for p in runs[0].rglob("*") if p.is_file()}
+    assert any(name.endswith(".wandb") for name in logged)
+    media = {p.stem.rsplit("_", 2)[0] for p in (runs[0] / "files" / "media").rglob("*") if p.is_file()}
+    assert "ranks" in media and "spectra" in media and any(m.startswith("effective_rank") for m in media), media

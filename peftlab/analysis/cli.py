@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-amplification", action="store_true", help="skip the amplification table")
     parser.add_argument("--no-plots", action="store_true", help="write tables only")
     parser.add_argument("--max-heatmaps", type=int, default=12, help="per-module φ heatmaps (default: %(default)s)")
+    parser.add_argument("--logger", choices=("none", "wandb"), default="none",
+                        help="wandb: also log the tables and plots to a W&B run (job_type=analysis)")
+    parser.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default="offline",
+                        help="W&B mode for --logger wandb (default: %(default)s, no login needed)")
     return parser
 
 
@@ -296,7 +300,22 @@ def analyze_main(argv: list[str]) -> int:
         _analyze(sources, args, out)
     except InputError as err:
         return _error(err.where or f"--base {args.base}", str(err))
+    if args.logger == "wandb":
+        log_to_wandb(out, [s.run for s in sources], args.wandb_mode)
     return 0
+
+
+def log_to_wandb(out: Path, runs: list[str], mode: str) -> None:
+    """Every CSV table and PNG plot in ``out`` to one W&B run (job_type=analysis)."""
+    import wandb
+
+    run = wandb.init(project="peftlab", job_type="analysis", mode=mode, dir=str(out),
+                     name=f"analysis-{'+'.join(runs)}"[:120], config={"runs": runs})
+    for table in sorted(out.glob("*.csv")):
+        run.log({table.stem: wandb.Table(dataframe=pd.read_csv(table))})
+    for image in sorted(out.glob("*.png")):
+        run.log({image.stem: wandb.Image(str(image))})
+    run.finish()
 
 
 def _error(where: str, message: str) -> int:
