@@ -102,6 +102,7 @@ class RunConfig:
     logger: LoggerConfig
     seed: int = 0
     out_dir: str = "runs"
+    study: dict = field(default_factory=dict)  # a named sweep's own settings, e.g. {name, lr: {method: lr}}
 
 
 GROUP_SCHEMAS = {
@@ -154,9 +155,12 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     groups["method"] = _structured("method", method_cls.config_class, method_values)
     seed = container.pop("seed", 0)
     out_dir = container.pop("out_dir", "runs")
+    study = container.pop("study", None) or {}
+    if not isinstance(study, dict):
+        raise ConfigError("study", f"got {study!r}; allowed: a mapping (a named sweep's settings)")
     for key in container:
-        raise ConfigError(key, "unknown top-level key; allowed: model, task, method, optim, trainer, logger, seed, out_dir")
-    run = RunConfig(seed=seed, out_dir=out_dir, **groups)
+        raise ConfigError(key, "unknown top-level key; allowed: model, task, method, optim, trainer, logger, seed, out_dir, study")
+    run = RunConfig(seed=seed, out_dir=out_dir, study=study, **groups)
     check_values(run)
     return run
 
