@@ -108,7 +108,7 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
     return 0
 
 
-def table_parser():
+def table_parser() -> argparse.ArgumentParser:
     import argparse
 
     from peftlab.table import FORMATS
