@@ -5,6 +5,8 @@
     peftlab demo [overrides]         the demo run (conf/experiment/demo.yaml)
     peftlab analyze PATH... [opts]   spectra / ranks / similarity of runs or peft adapters
     peftlab estimate [overrides]     memory estimate before a run
+    peftlab table DIR... [opts]      paper-style table of runs / sweeps (--by KEYS --metric NAME
+                                     --format md|csv|latex --out FILE --select-lr)
 
 Bad input prints one line, ``error: <key>: <what is allowed>``, and exits 2.
 """
@@ -70,6 +72,7 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
     from hydra.types import RunMode
 
     from peftlab.config import CONF_DIR
+    from peftlab.tracking import sweep_group
     from peftlab.trainer import describe, run
 
     multirun = "-m" in argv or "--multirun" in argv
@@ -85,6 +88,8 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
     def _job(cfg) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+        if sweeping and cfg.logger.get("group") is None:  # one sweep, one W&B group (recorded in result.json)
+            cfg.logger.group = sweep_group(HydraConfig.get().sweep.dir)
         try:
             result = run(cfg, run_dir)
         except ConfigError as err:
@@ -100,6 +105,45 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
         _job()
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    return 0
+
+
+def table_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from peftlab.table import FORMATS
+
+    parser = argparse.ArgumentParser(prog="peftlab table", description="One row per configuration, aggregated over seeds.")
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="run or sweep directories (searched recursively for result.json)")
+    parser.add_argument("--by", metavar="KEYS", help="comma-separated dotted config keys that make a row "
+                        "(default: method.name + every key that differs between runs)")
+    parser.add_argument("--metric", metavar="NAME", help="metric to report (default: the task's), e.g. loss, "
+                        "perplexity, forgetting, forgetting.<probe>")
+    parser.add_argument("--format", choices=FORMATS, help="default: from --out's suffix (.csv, .tex), else md")
+    parser.add_argument("--out", metavar="FILE", help="also write the table here")
+    parser.add_argument("--select-lr", action="store_true",
+                        help="per configuration keep the optim.lr with the best mean validation metric")
+    return parser
+
+
+def table_main(argv: list[str]) -> int:
+    """``peftlab table``: prints the table (and writes --out); bad input is one line, exit 2."""
+    from peftlab.table import build_table
+
+    try:
+        args = table_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse printed usage and the error (or --help)
+        return int(exit_.code or 0)
+    fmt = args.format or {".csv": "csv", ".tex": "latex"}.get(Path(args.out or "").suffix, "md")
+    by = [key.strip() for key in args.by.split(",") if key.strip()] if args.by else None
+    try:
+        text = build_table(args.dirs, by=by, metric=args.metric, select_lr=args.select_lr).render(fmt)
+    except ConfigError as err:
+        return fail(str(err))
+    print(text.rstrip("\n"))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
     return 0
 
 
@@ -122,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         from peftlab.estimate_cli import estimate_main
 
         return estimate_main(rest)
-    return fail(f"unknown command {command!r}; allowed: train, demo, analyze, estimate")
+    if command == "table":
+        return table_main(rest)
+    return fail(f"unknown command {command!r}; allowed: train, demo, analyze, estimate, table")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ from peftlab.config import LoggerConfig
 log = logging.getLogger(__name__)
 
 
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep's runs when ``logger.group`` is unset: the sweep directory's
+    last two path parts, ``2026-11-23_20-39-38`` for the default ``multirun/<date>/<time>``."""
+    return "_".join(Path(sweep_dir).parts[-2:])
+
+
 class Tracker:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str):
         self.path = run_dir / "metrics.jsonl"
