@@ -97,6 +97,14 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
                 print(f"error: {err} ({run_dir})", file=sys.stderr)
                 return
             raise SystemExit(fail(str(err)))
+        except Exception:  # a crash in one sweep job is recorded (result.json: failed) and the sweep goes on
+            if not sweeping:
+                raise
+            import traceback
+
+            traceback.print_exc()
+            print(f"error: job failed, see {run_dir / 'result.json'}", file=sys.stderr)
+            return
         print(describe(result))
 
     sys.argv = ["peftlab"] + ([a for a in argv if a.startswith("-") and a not in ("-m", "--multirun")])
