@@ -8,6 +8,8 @@
     peftlab table DIR... [opts]      paper-style table of runs / sweeps (--by KEYS --metric NAME
                                      --format md|csv|latex --out FILE --select-lr)
 
+    torchrun --nproc_per_node=N -m peftlab.cli train [overrides]   one run, data-parallel over N processes
+
 Bad input prints one line, ``error: <key>: <what is allowed>``, and exits 2.
 """
 from __future__ import annotations
@@ -26,10 +28,13 @@ from peftlab.errors import ConfigError  # noqa: E402
 
 GROUPS = ("model", "task", "method", "optim", "trainer", "logger")
 USAGE = __doc__
+# torchrun ranks > 0: Hydra creates no run folder, saves no .hydra/ configs and opens no log file
+QUIET_HYDRA = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none"]
 
 
 def fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; rank 0 says it once
+        print(f"error: {message}", file=sys.stderr)
     return code
 
 
@@ -71,11 +76,16 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from peftlab import distributed
     from peftlab.config import CONF_DIR
     from peftlab.tracking import sweep_group
     from peftlab.trainer import describe, run
 
     multirun = "-m" in argv or "--multirun" in argv
+    ranks = distributed.from_env()
+    if multirun and ranks.active:
+        return fail("--multirun: not under torchrun (every rank would run its own sweep); "
+                    "allowed: one run per torchrun launch, or a sweep without torchrun")
     overrides = [a for a in argv if not a.startswith("-")]
     if experiment:
         overrides = [f"+experiment={experiment}"] + overrides
@@ -83,6 +93,8 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
         overrides = check_overrides(overrides)
     except ConfigError as err:
         return fail(str(err))
+    if not ranks.is_main:
+        overrides += QUIET_HYDRA
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _job(cfg) -> None:
@@ -105,7 +117,8 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
             traceback.print_exc()
             print(f"error: job failed, see {run_dir / 'result.json'}", file=sys.stderr)
             return
-        print(describe(result))
+        if ranks.is_main:
+            print(describe(result))
 
     sys.argv = ["peftlab"] + ([a for a in argv if a.startswith("-") and a not in ("-m", "--multirun")])
     sys.argv += (["--multirun"] if multirun else []) + overrides
@@ -113,6 +126,8 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
         _job()
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    finally:
+        distributed.teardown()
     return 0
 
 

@@ -67,7 +67,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    batch_size: int = 32
+    batch_size: int = 32             # global: split across torchrun processes
     eval_batch_size: int = 64
     grad_accum: int = 1
     max_steps: int = 200             # optimizer steps; <= 0 means use epochs
@@ -75,7 +75,7 @@ class TrainerConfig:
     precision: str = "fp32"          # fp32 | bf16 (autocast)
     gradient_checkpointing: bool = False
     device: str = "auto"             # auto (CUDA when present) | cpu | cuda
-    threads: int = 0                 # torch threads; 0 = the machine's cores
+    threads: int = 0                 # torch threads; 0 = the machine's cores / torchrun processes on it
     log_every: int = 10
     eval_before: bool = True         # evaluate the base model before training
     save_adapter: bool = True

@@ -12,6 +12,7 @@ result.json fields (schema_version 1):
                      param_groups: [{name, lr, count}]}
   memory            {kind: rss_peak | cuda_max_memory_allocated, peak_bytes, baseline_bytes}
   data              {source, hash, sizes, duplicates_removed}
+  distributed       {world_size, local_world_size, backend}   (torchrun; world_size 1 otherwise)
   provenance        {git_sha, git_dirty, versions, device, torch_threads, python, host, started_at, finished_at}
   adapter           {path, files} or null
 """

@@ -52,3 +52,19 @@ class Tracker:
         self.handle.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+class NullTracker:
+    """Takes the same calls as Tracker and records nothing (torchrun ranks other than 0)."""
+
+    def log(self, step: int, values: dict) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def log_image(self, key: str, path: Path) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass

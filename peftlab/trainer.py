@@ -10,7 +10,9 @@
 
 The loop knows methods only through their hooks, so every method runs
 through exactly this code: same data order, schedule, clipping and
-evaluation for all.
+evaluation for all. Under torchrun each rank trains on its slice of every
+global batch and the gradients are averaged before ``after_backward``; rank 0
+evaluates and writes (peftlab/distributed.py).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from peftlab import distributed
 from peftlab.config import RunConfig, to_dict, validate
 from peftlab.errors import ConfigError
 from peftlab.memory import PeakMemory
@@ -40,7 +43,7 @@ from peftlab.results import SCHEMA_VERSION, now, provenance, write_json_atomic
 from peftlab.tasks import build_task, load_splits
 from peftlab.tasks.probes import build_probes, evaluate_probes, forgetting_report
 from peftlab.tasks.base import count_tokens, to_device
-from peftlab.tracking import Tracker
+from peftlab.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 HEAD_PREFIX = "__head__."
@@ -54,10 +57,12 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def set_threads(threads: int) -> int:
-    """torch threads = the cores this process may use (oversubscription makes CPU runs much slower)."""
+def set_threads(threads: int, processes: int = 1) -> int:
+    """torch threads = the cores this process may use, shared by the ``processes`` torchrun started
+    on this machine (oversubscription makes CPU runs much slower)."""
     if threads <= 0:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // processes)
     torch.set_num_threads(threads)
     return threads
 
@@ -81,13 +86,13 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.method = method_class(cfg.method.name)(cfg.method)  # validates the method's values
-        self.device = pick_device(cfg.trainer.device)
+        self.dist, self.device = distributed.setup(pick_device(cfg.trainer.device))
         self.autocast = autocast_for(cfg.trainer.precision, self.device)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.threads = set_threads(cfg.trainer.threads)
+        self.threads = set_threads(cfg.trainer.threads, self.dist.local_world_size)
         seed_everything(cfg.seed)
         splits, facts = load_splits(cfg.task)
         num_labels = 1 + max(r.get("label", 0) for r in splits["train"])
@@ -99,12 +104,15 @@ class Trainer:
         self.total_parameters_base = sum(p.numel() for p in self.model.parameters())
 
     def evaluate(self) -> dict:
+        """Task metrics on validation and test (under torchrun: computed by rank 0, returned on every rank)."""
         batch_size = self.cfg.trainer.eval_batch_size
-        return {split: self.task.evaluate(self.model, split, batch_size, self.device, self.autocast)
-                for split in ("validation", "test")}
+        return self.dist.main_only(lambda: {
+            split: self.task.evaluate(self.model, split, batch_size, self.device, self.autocast)
+            for split in ("validation", "test")})
 
     def evaluate_probes(self) -> dict[str, float]:
-        return evaluate_probes(self.model, self.probes, self.device, self.autocast, self.cfg.trainer.eval_batch_size)
+        return self.dist.main_only(lambda: evaluate_probes(self.model, self.probes, self.device, self.autocast,
+                                                           self.cfg.trainer.eval_batch_size))
 
     def apply_method(self) -> None:
         seed_everything(self.cfg.seed)  # adapter init depends on the seed only
@@ -115,6 +123,8 @@ class Trainer:
         for p in self.head.values():
             p.requires_grad_(True)
         self.own = self.method.trainable_parameters(self.model)
+        self.dist.broadcast_parameters([*self.own.values(), *self.head.values()])
+        self.dist.seed_dropout(self.cfg.seed)
         if self.cfg.trainer.gradient_checkpointing:
             if not getattr(self.model, "supports_gradient_checkpointing", False):
                 raise ConfigError("trainer.gradient_checkpointing", f"{self.arch.name} does not support it; allowed: false")
@@ -168,15 +178,16 @@ class Trainer:
         loss_value = float("nan")
         status, reason = "ok", None
         start = time.perf_counter()
-        bar = tqdm(range(total_steps), desc=f"{cfg.method.name}", disable=not t.progress, dynamic_ncols=True)
+        bar = tqdm(range(total_steps), desc=f"{cfg.method.name}", disable=not (t.progress and self.dist.is_main),
+                   dynamic_ncols=True)
         for step in bar:
             step_loss = 0.0
             extra_value = 0.0
             for _ in range(t.grad_accum):
-                epoch, batch = next(stream)
-                batch = to_device(batch, self.device)
+                epoch, batch = next(stream)  # the global batch; this rank trains on its shard
+                shard, share = self.dist.shard(batch, self.task.loss_units)  # (batch, 1.0) in one process
                 with self.autocast():
-                    loss = self.task.loss(self.model, batch) / t.grad_accum
+                    loss = self.task.loss(self.model, to_device(shard, self.device)) * share / t.grad_accum
                 extra = self.method.extra_loss(self.model)
                 if extra is not None:
                     extra = extra / t.grad_accum
@@ -186,7 +197,7 @@ class Trainer:
                 step_loss += float(loss.detach())
                 tokens += count_tokens(batch)
                 examples += batch["input_ids"].shape[0]
-            loss_value = step_loss
+            loss_value = self.dist.sync_gradients(params, step_loss)  # mean over ranks (grads and loss)
             if not math.isfinite(loss_value):
                 status, reason = "diverged", f"loss became {loss_value} at step {step}"
                 break
@@ -246,9 +257,13 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
 
     A ConfigError (bad input) is recorded as ``failed`` and re-raised before
     anything trains; any other exception is recorded as ``failed`` and re-raised.
+    Under torchrun every rank calls this and only rank 0 writes (``run_dir``,
+    result.json, adapter/, metrics.jsonl, W&B).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    writes = distributed.from_env().is_main
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
     started = now()
     wall_start = time.perf_counter()
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -257,13 +272,15 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
                     "config": raw, "seed": raw.get("seed")}
     tracker = None
     try:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(raw)), encoding="utf-8")
+        if writes:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(raw)), encoding="utf-8")
         run_cfg = validate(cfg)
         result["config"] = to_dict(run_cfg)
         result["method"] = {"name": run_cfg.method.name, "config": asdict(run_cfg.method)}
         result["task"] = {"name": run_cfg.task.name, "type": run_cfg.task.type, "metric": run_cfg.task.metric}
         trainer = Trainer(run_cfg, run_dir)
         trainer.setup()
+        result["distributed"] = trainer.dist.describe()
         arch = trainer.arch
         result["model"] = {"name": arch.name, "path": arch.path, "family": arch.family, "kind": arch.kind}
         result["data"] = trainer.task.facts
@@ -272,16 +289,17 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
         probes_before = trainer.evaluate_probes() if run_cfg.trainer.eval_before else None
         trainer.apply_method()
         result["params"] = trainer.parameter_counts()
-        tracker = Tracker(run_cfg.logger, run_dir, result["config"], name=run_dir.name)
+        tracker = Tracker(run_cfg.logger, run_dir, result["config"], name=run_dir.name) if writes else NullTracker()
         outcome = trainer.fit(tracker)
         result.update(outcome)
-        result["memory"]["estimate"] = estimate_for(run_cfg, trainer.device)
+        result["memory"]["estimate"] = estimate_for(run_cfg, trainer.device, trainer.dist.world_size)
         after = trainer.evaluate() if outcome["status"] == "ok" else None
         result["metrics"] = {"before": before, "after": after}
         if trainer.probes and probes_before is not None and after is not None:
             result["forgetting"] = forgetting_report(trainer.probes, probes_before, trainer.evaluate_probes())
         result["method"]["summary"] = trainer.method.summary(trainer.model)
-        result["adapter"] = trainer.save_adapter() if run_cfg.trainer.save_adapter and outcome["status"] == "ok" else None
+        saving = writes and run_cfg.trainer.save_adapter and outcome["status"] == "ok"
+        result["adapter"] = trainer.save_adapter() if saving else None
         tracker.summary(summary_line(result))
         result["provenance"] = provenance(trainer.device, started)
     except BaseException as err:  # recorded, then re-raised for the caller
@@ -289,24 +307,27 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
         result["reason"] = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
         result.setdefault("provenance", provenance(torch.device("cpu"), started))
         result["wall_time_s"] = time.perf_counter() - wall_start
-        write_json_atomic(run_dir / "result.json", result)
+        if writes:
+            write_json_atomic(run_dir / "result.json", result)
         raise
     finally:
         if tracker is not None:
             tracker.finish()
     result["wall_time_s"] = time.perf_counter() - wall_start
-    write_json_atomic(run_dir / "result.json", result)
+    if writes:
+        write_json_atomic(run_dir / "result.json", result)
     return result
 
 
-def estimate_for(cfg: RunConfig, device: torch.device) -> dict:
-    """``peftlab estimate`` for this run, stored beside the measured peak (never fails the run)."""
+def estimate_for(cfg: RunConfig, device: torch.device, world_size: int = 1) -> dict:
+    """``peftlab estimate`` for one rank of this run (its share of the global batch), stored beside
+    the measured peak (never fails the run)."""
     from peftlab.estimate import estimate
 
     preset_or_path = cfg.model.name if cfg.model.source == "package" else cfg.model.path
     try:
         est = estimate(
-            preset_or_path, cfg.method.name, asdict(cfg.method), batch_size=cfg.trainer.batch_size,
+            preset_or_path, cfg.method.name, asdict(cfg.method), batch_size=math.ceil(cfg.trainer.batch_size / world_size),
             seq_len=cfg.task.max_length, precision=cfg.trainer.precision,
             gradient_checkpointing=cfg.trainer.gradient_checkpointing, optimizer=cfg.optim.name,
             weights_dtype=cfg.model.dtype, device=device.type, task=cfg.task.type,

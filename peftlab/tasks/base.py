@@ -46,6 +46,11 @@ class Task:
     def evaluate_batches(self, model: nn.Module, batches: Iterator[dict]) -> dict[str, float]:
         raise NotImplementedError
 
+    def loss_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms ``loss`` averages over: here one per example. A task whose loss is a
+        mean over something else (tokens) says so, so that shards of a batch can be weighted."""
+        return int(batch["input_ids"].shape[0])
+
     # -- shared ---------------------------------------------------------------- #
     def num_train_batches(self, batch_size: int) -> int:
         return math.ceil(len(self.encoded["train"]) / batch_size)

@@ -55,6 +55,10 @@ class LMTask(Task):
         total, n = token_loss_sum(logits, batch["input_ids"], batch["attention_mask"])
         return total / max(n, 1)
 
+    def loss_units(self, batch):
+        """The loss is a mean over predicted tokens: every real token but each row's first."""
+        return int(batch["attention_mask"][:, 1:].sum())
+
     def evaluate_batches(self, model, batches):
         total, n = 0.0, 0
         for batch in batches:
