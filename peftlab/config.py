@@ -102,6 +102,7 @@ class RunConfig:
     logger: LoggerConfig
     seed: int = 0
     out_dir: str = "runs"
+    budget: Optional[int] = None     # trainable parameters to size the method to (peftlab/budget.py); None = off
 
 
 GROUP_SCHEMAS = {
@@ -154,11 +155,24 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     groups["method"] = _structured("method", method_cls.config_class, method_values)
     seed = container.pop("seed", 0)
     out_dir = container.pop("out_dir", "runs")
+    budget = check_budget(container.pop("budget", None))
     for key in container:
-        raise ConfigError(key, "unknown top-level key; allowed: model, task, method, optim, trainer, logger, seed, out_dir")
-    run = RunConfig(seed=seed, out_dir=out_dir, **groups)
+        raise ConfigError(key, "unknown top-level key; allowed: model, task, method, optim, trainer, logger, seed, "
+                          "out_dir, budget")
+    run = RunConfig(seed=seed, out_dir=out_dir, budget=budget, **groups)
     check_values(run)
     return run
+
+
+def check_budget(value: Any) -> int | None:
+    """``budget`` as a whole number of parameters, or None when off (null or 0); 1e5 is read as 100000."""
+    if value is None or (value == 0 and not isinstance(value, bool)):
+        return None
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < 1:
+        raise ConfigError("budget", f"got {value!r}; allowed: a whole number of trainable parameters >= 1, "
+                          "or null / 0 (off)")
+    return int(value)
 
 
 def check_values(run: RunConfig) -> None:
