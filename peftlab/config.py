@@ -102,6 +102,7 @@ class RunConfig:
     logger: LoggerConfig
     seed: int = 0
     out_dir: str = "runs"
+    budget: Optional[int] = None     # trainable parameters to size the method to (peftlab/budget.py); None = off
     study: dict = field(default_factory=dict)  # a named sweep's own settings, e.g. {name, lr: {method: lr}}
 
 
@@ -155,14 +156,27 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     groups["method"] = _structured("method", method_cls.config_class, method_values)
     seed = container.pop("seed", 0)
     out_dir = container.pop("out_dir", "runs")
+    budget = check_budget(container.pop("budget", None))
     study = container.pop("study", None) or {}
     if not isinstance(study, dict):
         raise ConfigError("study", f"got {study!r}; allowed: a mapping (a named sweep's settings)")
     for key in container:
-        raise ConfigError(key, "unknown top-level key; allowed: model, task, method, optim, trainer, logger, seed, out_dir, study")
-    run = RunConfig(seed=seed, out_dir=out_dir, study=study, **groups)
+        raise ConfigError(key, "unknown top-level key; allowed: model, task, method, optim, trainer, logger, seed, "
+                          "out_dir, budget, study")
+    run = RunConfig(seed=seed, out_dir=out_dir, budget=budget, study=study, **groups)
     check_values(run)
     return run
+
+
+def check_budget(value: Any) -> int | None:
+    """``budget`` as a whole number of parameters, or None when off (null or 0); 1e5 is read as 100000."""
+    if value is None or (value == 0 and not isinstance(value, bool)):
+        return None
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < 1:
+        raise ConfigError("budget", f"got {value!r}; allowed: a whole number of trainable parameters >= 1, "
+                          "or null / 0 (off)")
+    return int(value)
 
 
 def check_values(run: RunConfig) -> None:

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from peftlab import distributed
+from peftlab.budget import match_budget
 from peftlab.config import RunConfig, to_dict, validate
 from peftlab.errors import ConfigError
 from peftlab.memory import PeakMemory
@@ -88,6 +89,7 @@ class Trainer:
         self.method = method_class(cfg.method.name)(cfg.method)  # validates the method's values
         self.dist, self.device = distributed.setup(pick_device(cfg.trainer.device))
         self.autocast = autocast_for(cfg.trainer.precision, self.device)
+        self.budget = None  # the BudgetMatch, when cfg.budget sizes the method
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -99,6 +101,9 @@ class Trainer:
         self.model, self.tokenizer, self.arch = load_model(cfg.model, cfg.task.type, num_labels)
         self.task = build_task(cfg.task, self.tokenizer, self.arch, splits, facts)
         self.probes = build_probes(cfg.task.probes, self.tokenizer, self.arch, cfg.task)
+        if cfg.budget:  # size the method to the trainable-parameter budget (peftlab/budget.py)
+            self.method, self.budget = match_budget(self.method, self.model, self.arch, cfg.budget)
+            cfg.method = self.method.config
         self.method.check(self.model, self.arch)  # bad targets / ranks stop here, before any evaluation
         self.model.to(self.device)
         self.total_parameters_base = sum(p.numel() for p in self.model.parameters())
@@ -281,6 +286,9 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
         trainer = Trainer(run_cfg, run_dir)
         trainer.setup()
         result["distributed"] = trainer.dist.describe()
+        if trainer.budget is not None:  # setup chose the method's size: record it and the config that really runs
+            result.update(budget=trainer.budget.to_dict(), config=to_dict(run_cfg))
+            result["method"]["config"] = asdict(run_cfg.method)
         arch = trainer.arch
         result["model"] = {"name": arch.name, "path": arch.path, "family": arch.family, "kind": arch.kind}
         result["data"] = trainer.task.facts

@@ -367,6 +367,15 @@ def test_prefix_equals_peft_on_llama(projection):
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_prefix_equals_peft_on_bert_and_gpt2(family):
     base, ref, method, ours = peft_prefix_pair(family, projection=True)
+    try:
+        logits(ref, batch())
+    except ValueError as err:  # the reference itself cannot run here: nothing to compare with
+        if "past key values" not in str(err):
+            raise
+        import transformers
+
+        pytest.skip(f"peft {peft.__version__} + transformers {transformers.__version__}: {err} "
+                    "(prefix parity stays covered on llama and gpt2)")
     assert method.expected_trainable(ours) == peft_trainable_without_head(ref)
     compare_with_mask(ours, ref, token_types=family == "bert")
     out = logits(ours, batch())

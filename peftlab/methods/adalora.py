@@ -217,6 +217,18 @@ class AdaLoRA(Method):
     config_class = AdaLoRAConfig
     mergeable = True
     layer_class = AdaLoRALayer
+    size_key = "init_r"  # see size_fields
+
+    def size_fields(self, value: int) -> dict[str, Any]:
+        """init_r = ``value``, target_r scaled to keep the configured target_r / init_r (default 8/12).
+
+        Budget matching counts what trains: every matrix holds init_r triplets (masked ones keep
+        their parameters and optimizer state), so the budget sets init_r. The active count at the
+        end is about budget × target_r / init_r; to compare at an equal *final* budget, as the
+        AdaLoRA paper does, give budget × init_r / target_r.
+        """
+        c = self.config
+        return {"init_r": value, "target_r": max(1, round(value * c.target_r / c.init_r))}
 
     def __init__(self, config: Any):
         super().__init__(config)

@@ -103,6 +103,10 @@ class BottleneckAdapter(Method):
     has_weight_delta = False  # a nonlinear residual branch, not a weight update
     mergeable = False
     layer_class = BottleneckAdapterLayer
+    size_key = "bottleneck"
+
+    def size_fields(self, value: int) -> dict[str, Any]:
+        return {"bottleneck": value, "reduction_factor": None}  # exactly one of the two is set
 
     def validate_config(self) -> None:
         c = self.config

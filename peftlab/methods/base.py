@@ -18,8 +18,9 @@ returns W - W0 in fp32 without touching the layer, and ``merge()`` /
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -184,6 +185,8 @@ class Method:
       mergeable         whether merge()/unmerge() exist for this method
       layer_class       the wrapper type it injects (None when it injects none)
       identity_at_init  whether the adapted model equals the base before training
+      size_key          the config field that sets its size for budget matching (``r``,
+                        ``num_virtual_tokens``, ...); None for a fixed size (peftlab/budget.py)
     """
 
     name: ClassVar[str] = "?"
@@ -192,6 +195,7 @@ class Method:
     mergeable: ClassVar[bool] = False
     layer_class: ClassVar[type | None] = None
     identity_at_init: ClassVar[bool] = True  # False for prompt/prefix tuning: virtual tokens change outputs
+    size_key: ClassVar[str | None] = None    # config field budget matching sets; None = a fixed size
 
     def __init__(self, config: Any):
         self.config = config
@@ -227,6 +231,29 @@ class Method:
     def expected_trainable(self, model: nn.Module) -> int:
         """Closed-form count of trainable parameters (checked against the real count)."""
         raise NotImplementedError
+
+    # ---- size (budget matching, peftlab/budget.py) ------------------------- #
+    def size_fields(self, value: int) -> dict[str, Any]:
+        """Config fields that give this method size ``value``; a method whose size has two
+        coupled fields (adapter width vs reduction factor, AdaLoRA's init_r and target_r) extends it."""
+        if self.size_key is None:
+            raise ValueError(f"method '{self.name}' has a fixed size")
+        return {self.size_key: value}
+
+    def resized(self, value: int) -> "Method":
+        """A fresh method of this kind and config, except that its size is ``value`` (validated)."""
+        return type(self)(replace(self.config, **self.size_fields(value)))
+
+    def planned_trainable(self, model: nn.Module, arch: Any = None) -> int:
+        """Parameters ``apply`` would train on ``model``, found without changing or copying its weights:
+        a fresh method of this config is applied to a meta-device copy (no data, so a 135M model
+        costs milliseconds). Bad values raise ConfigError as ``apply`` would. The global RNG state
+        is restored, so planning never shifts the run's random stream."""
+        fresh = type(self)(self.config)
+        skeleton = meta_copy(model)
+        with torch.random.fork_rng(devices=[]):
+            fresh.apply(skeleton, arch)
+        return count(fresh.trainable_parameters(skeleton))
 
     # ---- trainer hooks ----------------------------------------------------- #
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
@@ -303,6 +330,20 @@ def logical_numel(p: torch.Tensor) -> int:
     return int(quant_state.shape.numel()) if quant_state is not None else p.numel()
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers live on the meta device (shapes only).
+
+    Tied parameters stay tied and ``requires_grad`` is kept; plain tensor attributes that are not
+    parameters or buffers are copied as they are (they are small).
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
 def count(params: dict[str, nn.Parameter] | list) -> int:
     values = params.values() if isinstance(params, dict) else params
     return sum(p.numel() for p in values)
@@ -322,6 +363,7 @@ __all__ = [
     "is_conv1d",
     "is_linear_like",
     "linear_shape",
+    "meta_copy",
     "replace_module",
     "to_base_layout",
 ]

@@ -116,6 +116,7 @@ class LoHa(Method):
     config_class = LoHaConfig
     mergeable = True
     layer_class = LoHaLayer
+    size_key = "r"
 
     def validate_config(self) -> None:
         c = self.config

@@ -153,6 +153,7 @@ class LoKr(Method):
     config_class = LoKrConfig
     mergeable = True
     layer_class = LoKrLayer
+    size_key = "r"
 
     def validate_config(self) -> None:
         c = self.config

@@ -97,6 +97,7 @@ class LoRA(Method):
     config_class = LoRAConfig
     mergeable = True
     layer_class = LoRALayer
+    size_key = "r"  # budget matching sets r; rank_pattern overrides stay as given
 
     def validate_config(self) -> None:
         c = self.config

@@ -130,6 +130,7 @@ class PrefixTuning(Method):
     mergeable = False
     layer_class = PrefixEncoder
     identity_at_init = False  # the prefix changes the outputs from the first step
+    size_key = "num_virtual_tokens"
 
     def validate_config(self) -> None:
         c = self.config

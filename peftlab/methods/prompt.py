@@ -188,6 +188,7 @@ class PromptTuning(Method):
     mergeable = False
     layer_class = SoftPrompt
     identity_at_init = False  # the prompt changes the outputs from the first step
+    size_key = "num_virtual_tokens"
 
     def validate_config(self) -> None:
         c = self.config
@@ -237,6 +238,11 @@ class PromptTuning(Method):
 
     def expected_trainable(self, model: nn.Module) -> int:
         return self.config.num_virtual_tokens * model.get_input_embeddings().embedding_dim
+
+    def planned_trainable(self, model: nn.Module, arch: Any = None) -> int:
+        """n × d, after the checks apply runs (a meta-device dry run cannot copy vocabulary embeddings)."""
+        self.check(model, arch)
+        return self.expected_trainable(model)
 
     def summary(self, model: nn.Module) -> dict:
         return {"modules": sorted(self.layers(model)), "num_virtual_tokens": self.config.num_virtual_tokens,

@@ -168,6 +168,12 @@ class QLoRA(LoRA):
         self.plan(model)
         self.check_quantizable(model)
 
+    def planned_trainable(self, model: nn.Module, arch: Any = None) -> int:
+        """LoRA's count for this config: quantizing adds no trainable parameter (and cannot run on
+        the meta device that LoRA's dry run uses)."""
+        self.check_quantizable(model)
+        return LoRA(self.config).planned_trainable(model, arch)
+
     def merge(self, model: nn.Module) -> None:
         raise RuntimeError(f"qlora: cannot merge into a {self.config.bits}-bit base weight; "
                            "use QLoRA.export_merged(model, dtype) for a dequantized, merged copy")

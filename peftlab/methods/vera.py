@@ -126,6 +126,7 @@ class VeRA(Method):
     config_class = VeRAConfig
     mergeable = True
     layer_class = VeRALayer
+    size_key = "r"
 
     def validate_config(self) -> None:
         c = self.config
