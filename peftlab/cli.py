@@ -69,6 +69,7 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from peftlab.checkpoint import finished_result
     from peftlab.config import CONF_DIR
     from peftlab.trainer import describe, run
 
@@ -86,9 +87,13 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
+            if finished_result(cfg, run_dir) is not None:  # a re-run sweep: this job is done
+                print(f"skip: {run_dir} (ok, same config)")
+                return
             result = run(cfg, run_dir)
         except ConfigError as err:
-            if sweeping:  # one bad job must not stop a sweep; its result.json says failed
+            # one bad job must not stop a sweep; its result.json says failed (a refused one keeps its ok result)
+            if sweeping:
                 print(f"error: {err} ({run_dir})", file=sys.stderr)
                 return
             raise SystemExit(fail(str(err)))
