@@ -77,6 +77,7 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
     from hydra.types import RunMode
 
     from peftlab import distributed
+    from peftlab.checkpoint import finished_result
     from peftlab.config import CONF_DIR
     from peftlab.tracking import sweep_group
     from peftlab.trainer import describe, run
@@ -103,9 +104,13 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
         if sweeping and cfg.logger.get("group") is None:  # one sweep, one W&B group (recorded in result.json)
             cfg.logger.group = sweep_group(HydraConfig.get().sweep.dir)
         try:
+            if finished_result(cfg, run_dir) is not None:  # a re-run sweep: this job is done
+                print(f"skip: {run_dir} (ok, same config)")
+                return
             result = run(cfg, run_dir)
         except ConfigError as err:
-            if sweeping:  # one bad job must not stop a sweep; its result.json says failed
+            # one bad job must not stop a sweep; its result.json says failed (a refused one keeps its ok result)
+            if sweeping:
                 print(f"error: {err} ({run_dir})", file=sys.stderr)
                 return
             raise SystemExit(fail(str(err)))

@@ -80,6 +80,8 @@ class TrainerConfig:
     eval_before: bool = True         # evaluate the base model before training
     save_adapter: bool = True
     progress: bool = True
+    checkpoint_every: int = 100      # steps between resumable checkpoints in run_dir/checkpoint/ (0 = off)
+    overwrite: bool = False          # replace an ok result of another config in the same run dir
 
 
 @dataclass
@@ -192,6 +194,8 @@ def check_values(run: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(key, f"got {value}; allowed: an integer >= 1")
+    if t.checkpoint_every < 0:
+        raise ConfigError("trainer.checkpoint_every", f"got {t.checkpoint_every}; allowed: an integer >= 0 (0 = off)")
     if t.max_steps <= 0 and t.epochs <= 0:
         raise ConfigError("trainer.max_steps", "both max_steps and epochs are <= 0; allowed: max_steps >= 1 or epochs > 0")
     if o.lr <= 0:

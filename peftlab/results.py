@@ -4,6 +4,7 @@ result.json fields (schema_version 1):
   status            ok | failed | diverged;  reason: why, when not ok
   method            {name, config, summary}   model {name, path, family, kind}   task {name, type, metric}
   seed, config      the resolved Hydra config
+  config_hash       sha256 of the config without keys that do not change results (peftlab/checkpoint.py)
   params            {trainable (the method's), head (new task head, trained by every method),
                      total (base + adapter), trainable_pct, expected_trainable (closed form)}
   metrics           {before: {validation, test}, after: {validation, test}}   each {metric, loss, n}

@@ -38,6 +38,21 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
 
+    def rewind(self, step: int) -> None:
+        """Drop metrics.jsonl rows of steps >= ``step`` (and a row cut short by a kill), so a run
+        resumed at ``step`` (or restarted at 0) writes the rows an uninterrupted run would.
+        W&B rows already sent stay where they are."""
+        keep = 0
+        with self.path.open("rb") as handle:
+            for line in handle:
+                try:
+                    if not line.endswith(b"\n") or json.loads(line)["step"] >= step:
+                        break
+                except (ValueError, KeyError):
+                    break
+                keep += len(line)
+        self.handle.truncate(keep)  # the file is opened for appending: later rows follow the cut
+
     def summary(self, values: dict) -> None:
         if self.wandb_run is not None:
             self.wandb_run.summary.update(values)
@@ -58,6 +73,9 @@ class NullTracker:
     """Takes the same calls as Tracker and records nothing (torchrun ranks other than 0)."""
 
     def log(self, step: int, values: dict) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
         pass
 
     def summary(self, values: dict) -> None:

@@ -5,8 +5,11 @@
            ─► evaluate base (validation, test)
            ─► method.apply(model) ─► optimizer over method.param_groups(...) + head
            ─► loop: loss = task.loss + method.extra_loss ; backward ;
-                    method.after_backward ; clip ; step ; schedule
+                    method.after_backward ; clip ; step ; schedule ; checkpoint every N steps
            ─► evaluate tuned ─► adapter/ + result.json
+
+A run dir that already holds an ``ok`` result of the same config is skipped; a
+failed or killed run continues from its last checkpoint (peftlab/checkpoint.py).
 
 The loop knows methods only through their hooks, so every method runs
 through exactly this code: same data order, schedule, clipping and
@@ -17,6 +20,7 @@ evaluates and writes (peftlab/distributed.py).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -33,6 +37,8 @@ from tqdm.auto import tqdm
 
 from peftlab import distributed
 from peftlab.budget import match_budget
+from peftlab.checkpoint import (Checkpointer, Progress, config_hash, finished_result, load_parameters,
+                                set_rng_state, simulated_crash)
 from peftlab.config import RunConfig, to_dict, validate
 from peftlab.errors import ConfigError
 from peftlab.memory import PeakMemory
@@ -87,6 +93,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.method = method_class(cfg.method.name)(cfg.method)  # validates the method's values
+        self.config_hash = config_hash(cfg)
         self.dist, self.device = distributed.setup(pick_device(cfg.trainer.device))
         self.autocast = autocast_for(cfg.trainer.precision, self.device)
         self.budget = None  # the BudgetMatch, when cfg.budget sizes the method
@@ -100,6 +107,9 @@ class Trainer:
         num_labels = 1 + max(r.get("label", 0) for r in splits["train"])
         self.model, self.tokenizer, self.arch = load_model(cfg.model, cfg.task.type, num_labels)
         self.task = build_task(cfg.task, self.tokenizer, self.arch, splits, facts)
+        # a checkpoint fits this config on this data (a data file may change under the same config)
+        key = f"{self.config_hash}/{facts['hash']}"
+        self.checkpoints = Checkpointer(self.run_dir, key, cfg.trainer.checkpoint_every)
         self.probes = build_probes(cfg.task.probes, self.tokenizer, self.arch, cfg.task)
         if cfg.budget:  # size the method to the trainable-parameter budget (peftlab/budget.py)
             self.method, self.budget = match_budget(self.method, self.model, self.arch, cfg.budget)
@@ -156,14 +166,47 @@ class Trainer:
         per_epoch = self.task.num_train_batches(t.batch_size) / t.grad_accum
         return max(1, math.ceil(t.epochs * per_epoch))
 
-    def batches(self):
-        """Endless stream of training batches; epoch e is shuffled with seed + e."""
-        epoch = 0
+    def batches(self, skip: int = 0):
+        """Endless stream of training batches; epoch e is shuffled with seed * 1000 + e.
+
+        The first ``skip`` batches are passed over (a resumed run), whole epochs without reading them.
+        """
+        batch_size = self.cfg.trainer.batch_size
+        epoch, skip = divmod(skip, self.task.num_train_batches(batch_size)) if skip else (0, 0)
         while True:
             generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
-            for batch in self.task.train_batches(self.cfg.trainer.batch_size, generator):
+            for batch in itertools.islice(self.task.train_batches(batch_size, generator), skip, None):
                 yield epoch, batch
+            skip = 0
             epoch += 1
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """The method's parameters and the task head's, by name: what a checkpoint holds."""
+        return {**self.own, **{HEAD_PREFIX + n: p for n, p in self.head.items()}}
+
+    def resume(self, optimizer, scheduler, tracker: Tracker) -> Progress:
+        """Restore this config's checkpoint when run_dir has one (else start at step 0), and cut
+        metrics.jsonl to the rows before the step training continues from."""
+        found = self.checkpoints.load()
+        progress = Progress()
+        if found is not None:
+            progress, state = found
+            load_parameters(self.trainable(), state["parameters"])
+            self.method.load_train_state(self.model, state["method"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            log.info("%s: resuming at step %d", self.run_dir, progress.step)
+        tracker.rewind(progress.step)
+        return progress
+
+    def save_checkpoint(self, progress: Progress, optimizer, scheduler) -> None:
+        self.checkpoints.save(progress, {
+            "parameters": {n: p.detach().cpu() for n, p in self.trainable().items()},
+            "method": self.method.train_state(self.model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        })
 
     def fit(self, tracker: Tracker) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
@@ -172,19 +215,18 @@ class Trainer:
         optimizer = build_optimizer(cfg.optim, groups, list(self.head.values()))
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
         self.method.on_train_start(self.model, total_steps)
+        progress = self.resume(optimizer, scheduler, tracker)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         self.model.train()
         memory = PeakMemory(self.device)
         memory.start()
-        stream = self.batches()
-        tokens = examples = 0
-        epoch = 0
-        loss_value = float("nan")
+        stream = self.batches(skip=progress.step * t.grad_accum)
+        tokens, examples, epoch, loss_value = progress.tokens, progress.examples, progress.epoch, progress.loss
         status, reason = "ok", None
-        start = time.perf_counter()
-        bar = tqdm(range(total_steps), desc=f"{cfg.method.name}", disable=not (t.progress and self.dist.is_main),
-                   dynamic_ncols=True)
+        start = time.perf_counter() - progress.train_time_s
+        bar = tqdm(range(progress.step, total_steps), initial=progress.step, total=total_steps,
+                   desc=f"{cfg.method.name}", disable=not (t.progress and self.dist.is_main), dynamic_ncols=True)
         for step in bar:
             step_loss = 0.0
             extra_value = 0.0
@@ -217,6 +259,10 @@ class Trainer:
             if step % t.log_every == 0 or step == total_steps - 1:
                 tracker.log(step, {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "extra_loss": extra_value,
                                    "tokens": tokens, "tokens_per_s": tokens / elapsed, "epoch": epoch, "elapsed_s": elapsed})
+            if self.dist.is_main and self.checkpoints.due(step + 1, total_steps):
+                done = Progress(step + 1, epoch, tokens, examples, loss_value, time.perf_counter() - start)
+                self.save_checkpoint(done, optimizer, scheduler)
+            simulated_crash(step)
         bar.close()
         train_time = time.perf_counter() - start
         return {
@@ -263,9 +309,16 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
     A ConfigError (bad input) is recorded as ``failed`` and re-raised before
     anything trains; any other exception is recorded as ``failed`` and re-raised.
     Under torchrun every rank calls this and only rank 0 writes (``run_dir``,
-    result.json, adapter/, metrics.jsonl, W&B).
+    result.json, adapter/, metrics.jsonl, W&B, checkpoints). A run dir that
+    holds an ``ok`` result of this config is not run again: its stored result
+    is returned (and one of another config raises a ConfigError unless
+    ``trainer.overwrite``; see peftlab/checkpoint.py).
     """
     run_dir = Path(run_dir)
+    finished = finished_result(cfg, run_dir)
+    if finished is not None:
+        log.info("skip: %s (ok, same config)", run_dir)
+        return finished
     writes = distributed.from_env().is_main
     if writes:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +334,7 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(raw)), encoding="utf-8")
         run_cfg = validate(cfg)
         result["config"] = to_dict(run_cfg)
+        result["config_hash"] = config_hash(run_cfg)
         result["method"] = {"name": run_cfg.method.name, "config": asdict(run_cfg.method)}
         result["task"] = {"name": run_cfg.task.name, "type": run_cfg.task.type, "metric": run_cfg.task.metric}
         trainer = Trainer(run_cfg, run_dir)
@@ -324,6 +378,7 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
     result["wall_time_s"] = time.perf_counter() - wall_start
     if writes:
         write_json_atomic(run_dir / "result.json", result)
+        trainer.checkpoints.remove()  # finished (ok or diverged): a re-run has nothing to continue
     return result
 
 

@@ -38,6 +38,7 @@ def no_ok_result(tmp_path: Path):
         (["method.dropout=1.0"], r"^error: method\.dropout: got 1.0; allowed: a number in \[0.0, 1.0\)"),
         (["method.dropout=-0.1"], r"^error: method\.dropout: got -0.1"),
         (["trainer.precision=fp8"], r"^error: trainer\.precision: got 'fp8'; allowed: fp32, bf16"),
+        (["trainer.checkpoint_every=-1"], r"^error: trainer\.checkpoint_every: got -1; allowed: an integer >= 0"),
         (["task.source=csv", "task.path=/nonexistent/reviews.csv"], r"^error: task\.path: /nonexistent/reviews.csv does not exist"),
     ],
 )

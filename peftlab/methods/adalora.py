@@ -346,6 +346,29 @@ class AdaLoRA(Method):
             "scaling": next(iter(layers.values())).scaling if layers else None,
         }
 
+    # ---- checkpoints: masks, importance EMAs and where the schedule stands -- #
+    def train_state(self, model: nn.Module) -> dict:
+        return {
+            "rank_masks": {name: layer.rank_mask.detach().cpu().clone() for name, layer in self.layers(model).items()},
+            "sensitivity": {k: v.detach().cpu().clone() for k, v in self.allocator.sensitivity.items()},
+            "uncertainty": {k: v.detach().cpu().clone() for k, v in self.allocator.uncertainty.items()},
+            "budget": self.budget,
+            "final_mask_set": self._final_mask_set,
+        }
+
+    def load_train_state(self, model: nn.Module, state: dict) -> None:
+        layers = self.layers(model)
+        if set(state["rank_masks"]) != set(layers):
+            raise ValueError("adalora: the checkpoint's rank masks do not fit this model's adapted modules")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.rank_mask.copy_(state["rank_masks"][name])
+        device = next(iter(layers.values())).lora_E.device
+        self.allocator.sensitivity = {k: v.to(device) for k, v in state["sensitivity"].items()}
+        self.allocator.uncertainty = {k: v.to(device) for k, v in state["uncertainty"].items()}
+        self.budget = state["budget"]
+        self._final_mask_set = state["final_mask_set"]
+
     # ---- the adapter file: trainable tensors plus each matrix's rank mask --- #
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = super().state_dict(model)

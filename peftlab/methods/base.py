@@ -10,6 +10,7 @@ talks to it only through these hooks::
     method.extra_loss(model)                  a regulariser added to the loss, or None
     method.after_backward(model, step)        work between backward and the step
     method.state_dict(model) / load_state_dict(model, sd)   the adapter file
+    method.train_state(model) / load_train_state(model, st) training state beyond parameters (checkpoints)
 
 Weight-space methods wrap each target layer in a :class:`WeightDeltaLayer`:
 the original module stays reachable as ``layer.base``, ``delta_weight()``
@@ -272,6 +273,16 @@ class Method:
     def summary(self, model: nn.Module) -> dict:
         """Method-specific facts for result.json (final ranks, resolved groups...)."""
         return {"modules": sorted(self.layers(model))}
+
+    # ---- checkpoints ------------------------------------------------------- #
+    def train_state(self, model: nn.Module) -> dict:
+        """What training changes besides the trainable parameters (buffers, schedules, statistics),
+        so a run resumed from a checkpoint continues exactly. Tensors, numbers, strings, and
+        lists / dicts of them (read back with ``torch.load(weights_only=True)``)."""
+        return {}
+
+    def load_train_state(self, model: nn.Module, state: dict) -> None:
+        """Restore :meth:`train_state`; called after ``on_train_start`` and the parameters' restore."""
 
     # ---- merge ------------------------------------------------------------- #
     def merge(self, model: nn.Module) -> None:
