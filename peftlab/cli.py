@@ -175,6 +175,30 @@ def table_main(argv: list[str]) -> int:
     return 0
 
 
+def demo_main(argv: list[str]) -> int:
+    """``peftlab demo``: the demo sweep (conf/experiment/demo.yaml), one job per core, then its
+    comparison table and the spectra of LoRA's ΔW (``peftlab analyze``)."""
+    from peftlab.analysis.cli import analyze_main
+    from peftlab.table import build_table
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={cores}"]
+    code = train_main(["-m", *launcher, *argv], experiment="demo")
+    if code:
+        return code
+    sweep = Path(next((a.partition("=")[2] for a in argv if a.startswith("hydra.sweep.dir=")), "runs/demo"))
+    try:
+        table = build_table([sweep])
+    except ConfigError as err:
+        return fail(str(err))
+    print("\n" + table.render("md"))
+    lora = sweep / "lora"
+    if (lora / "adapter").is_dir():
+        analyze_main([str(lora), "--out", str(sweep / "analysis"), "--max-heatmaps", "0"])
+        print(f"\ntable: {sweep / 'table.md'}   spectra of LoRA's ΔW: {sweep / 'analysis'}/*.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -185,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train":
         return train_main(rest)
     if command == "demo":
-        return train_main(rest, experiment="demo")
+        return demo_main(rest)
     if command == "analyze":
         from peftlab.analysis.cli import analyze_main
 

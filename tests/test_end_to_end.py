@@ -73,7 +73,7 @@ def test_smollm2_lm_task_reports_perplexity(tmp_path):
 def test_lora_learns_sentiment_on_minilm(tmp_path):
     """A short run on real data learns: tuned test accuracy clearly above the fresh-head base."""
     cfg = compose(["+experiment=demo", "trainer.max_steps=120", "trainer.batch_size=16", "task.max_eval_examples=300",
-                   "trainer.progress=false", "trainer.eval_batch_size=100"])
+                   "trainer.progress=false", "trainer.eval_batch_size=100", "trainer.threads=0"])
     result = run(cfg, tmp_path)
     before = result["metrics"]["before"]["test"]["accuracy"]
     after = result["metrics"]["after"]["test"]["accuracy"]
