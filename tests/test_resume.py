@@ -202,3 +202,25 @@ def test_tracker_rewind_keeps_rows_before_the_step_and_drops_a_cut_row(tmp_path)
     tracker.finish()
     assert steps() == [0, 1, 2]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["loss"] == 0.25
+
+
+def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(inputs, tmp_path, monkeypatch):
+    """Job 0 crashes mid-training (not bad input): its result.json says failed with the error,
+    job 1 still runs, and a re-run retrains only the failed job."""
+    original = Trainer.fit
+
+    def fit(self, tracker):
+        if self.cfg.seed == 0:
+            raise RuntimeError("simulated crash in training")
+        return original(self, tracker)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    sweep_dir = tmp_path / "sweep"
+    assert sweep(inputs, sweep_dir) == 0
+    results = [json.loads((job / "result.json").read_text()) for job in job_dirs(sweep_dir)]
+    assert [r["status"] for r in results] == ["failed", "ok"]
+    assert results[0]["reason"] == "RuntimeError: simulated crash in training"
+
+    monkeypatch.setattr(Trainer, "fit", original)
+    assert sweep(inputs, sweep_dir) == 0
+    assert [json.loads((job / "result.json").read_text())["status"] for job in job_dirs(sweep_dir)] == ["ok", "ok"]
