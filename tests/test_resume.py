@@ -224,3 +224,33 @@ def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(inputs, tmp_path, monk
     monkeypatch.setattr(Trainer, "fit", original)
     assert sweep(inputs, sweep_dir) == 0
     assert [json.loads((job / "result.json").read_text())["status"] for job in job_dirs(sweep_dir)] == ["ok", "ok"]
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_with_the_same_results(inputs, reference, tmp_path):
+    """hydra/launcher=joblib (one process per job) gives the result files of the sequential sweep."""
+    sweep_dir = tmp_path / "sweep"
+    assert sweep(inputs, sweep_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2") == 0
+    ours, theirs = job_dirs(sweep_dir), job_dirs(reference)
+    assert [d.name for d in ours] == [d.name for d in theirs]
+    for mine, want in zip(ours, theirs):
+        assert comparable(mine) == comparable(want), mine.name
+
+
+@pytest.mark.parametrize("launcher, target", [("joblib", "JoblibLauncher"), ("submitit_slurm", "SlurmLauncher"),
+                                               ("submitit_local", "LocalLauncher")])
+def test_launcher_configs_compose(launcher, target):
+    """The launchers the README documents compose with peftlab's config (SLURM keys included)."""
+    cfg = compose_with_hydra([f"hydra/launcher={launcher}", "method=lora"])
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if launcher == "submitit_slurm":
+        assert {"partition", "timeout_min", "gpus_per_node", "cpus_per_task"} <= set(cfg.hydra.launcher)
+
+
+def compose_with_hydra(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from peftlab.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
