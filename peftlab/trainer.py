@@ -161,7 +161,7 @@ class Trainer:
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         self.model.train()
         memory = PeakMemory(self.device)
-        memory.start()
+        memory.start(resident=[*self.model.parameters(), *self.model.buffers()])
         stream = self.batches()
         tokens = examples = 0
         epoch = 0
