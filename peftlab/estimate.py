@@ -6,7 +6,7 @@ Everything is bytes, computed from the architecture's config alone (no weights):
     total = persistent + activations                                          (inference)
 
     persistent     = frozen_weights + quant_constants + trainable_weights
-                     + optimizer_states + kv_cache + overhead
+                     + optimizer_states + kv_cache + overhead (+ cpu_runtime + cpu_heap_slack on CPU)
     backward start = activations + the gradients that exist by then
     backward end   = gradients + the first block's activations and their gradients
     optimizer step = gradients + the optimizer's temporaries
@@ -38,10 +38,28 @@ optimizer states   AdamW: two fp32 moments, 8 bytes/param; 8-bit AdamW (bitsandb
                    two fp32 copies of the adapter).
 activations        what autograd keeps for backward, tensor by tensor (below), plus logits.
 kv cache           inference: 2 · layers · kv_heads · head_dim · cache length · batch · bytes.
+cpu runtime        CPU training: what a process gains on its first steps that is not tensors (code
+                   pages of the kernels libtorch reads in on first use, threads' scratch): a
+                   constant ``CPU_RUNTIME``, measured as the RSS growth of steps whose tensors are
+                   negligible (minilm, batch 2 × 8) and as what is left over the tensor peak when
+                   glibc returns freed tensors to the OS.
+cpu heap slack     CPU training with glibc's default allocator: it serves tensors under 32 MiB from
+                   its heap and keeps what they free resident, for reuse; a freed tensor leaves a
+                   hole that tensors of other sizes fill badly, so RSS climbs past the tensor peak.
+                   ``HEAP_SLACK_BASE`` + ``CPU_HEAP_SLACK`` × the activations in that heap (all but
+                   logits-sized tensors of ``GLIBC_MMAP_MAX`` = 32 MiB or more, which glibc maps and
+                   unmaps by themselves), fitted on calibration rows of results/memory/ (different
+                   batch sizes and lengths check it). Only roughly right (held-out rows up to 31%
+                   low): one configuration showed 0.8× and 1.3× its activations in two processes,
+                   by what else they allocated in between (results/memory/README.md).
+                   ``heap_slack=False`` when glibc returns freed tensors to the OS
+                   (``MALLOC_MMAP_THRESHOLD_=131072``): RSS growth is then the tensor peak + cpu
+                   runtime (within 6% on the rows measured).
 overhead           CUDA context, cuBLAS workspace and allocator slack: 0.75 GiB on CUDA by
-                   default (``overhead_bytes``); 0 on CPU, where the measurement is RSS growth
-                   over the process's baseline. ``allocated_bytes`` = total - overhead is what
-                   ``torch.cuda.max_memory_allocated`` should show.
+                   default (``overhead_bytes``); 0 on CPU. ``allocated_bytes`` = total - overhead -
+                   the CPU terms is the tensor peak (``torch.cuda.max_memory_allocated``, or the
+                   profiler on CPU); ``training_bytes`` = what training adds to the loaded, adapted
+                   model (the RSS growth ``peftlab estimate --measure`` reports on CPU).
 
 Activations
 -----------
@@ -100,7 +118,7 @@ from peftlab.errors import ConfigError
 from peftlab.targets import FAMILIES, GROUPS, MODEL_TYPE_FAMILY, expand, parse_layers
 
 PRESET_DIR = Path(__file__).parent / "presets"
-GiB, GB = 2**30, 10**9
+MiB, GiB, GB = 2**20, 2**30, 10**9
 DEFAULT_CUDA_OVERHEAD = int(0.75 * GiB)
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -120,6 +138,12 @@ FULL = "full"  # marks a block whose every weight trains
 # A block's backward holds gradients of its saved tensors while freeing them: measured on CPU
 # (profiler peaks, llama and bert blocks, fp32 and bf16) at 0.35-0.45 of the block's saved bytes.
 BACKWARD_WORKSPACE = 0.4
+# CPU training only: process memory that is not tensors (module docstring, "cpu runtime" and "cpu heap
+# slack"). The runtime is measured directly; the slack is fitted (experiments/memory_check/fit.py).
+CPU_RUNTIME = 20 * MiB
+HEAP_SLACK_BASE = 90 * MiB
+CPU_HEAP_SLACK = 0.38
+GLIBC_MMAP_MAX = 32 * MiB  # glibc serves requests this large with their own mmap, unmapped when freed
 
 
 # --------------------------------------------------------------------------- #
@@ -463,7 +487,7 @@ def _frozen_extra_parameters(method: str, targets: list[Target]) -> int:
 # The estimate
 # --------------------------------------------------------------------------- #
 PARTS = ("frozen_weights", "quant_constants", "trainable_weights", "gradients", "optimizer_states",
-         "activations", "kv_cache", "overhead")
+         "activations", "kv_cache", "cpu_runtime", "cpu_heap_slack", "overhead")
 
 
 @dataclass
@@ -479,6 +503,8 @@ class Estimate:
     quant_constants: int
     overhead: int
     total_bytes: int
+    cpu_runtime: int = 0
+    cpu_heap_slack: int = 0
     total_params: int = 0
     trainable_params: int = 0
     peak_phase: str = ""
@@ -487,13 +513,20 @@ class Estimate:
 
     @property
     def allocated_bytes(self) -> int:
-        """The peak without the overhead: what ``torch.cuda.max_memory_allocated`` or RSS growth shows."""
-        return self.total_bytes - self.overhead
+        """The peak of tensor bytes: what ``torch.cuda.max_memory_allocated`` (or a CPU profiler) shows."""
+        return self.total_bytes - self.overhead - self.cpu_runtime - self.cpu_heap_slack
+
+    @property
+    def training_bytes(self) -> int:
+        """What training adds to the loaded, adapted model at its peak: the RSS growth on CPU."""
+        return (self.total_bytes - self.frozen_weights - self.quant_constants - self.trainable_weights
+                - self.kv_cache - self.overhead)
 
     def to_dict(self) -> dict:
         out = {part: getattr(self, part) for part in PARTS}
         out.update(total_bytes=self.total_bytes, allocated_bytes=self.allocated_bytes,
-                   total_params=self.total_params, trainable_params=self.trainable_params,
+                   training_bytes=self.training_bytes, total_params=self.total_params,
+                   trainable_params=self.trainable_params,
                    peak_phase=self.peak_phase, inputs=dict(self.inputs), notes=list(self.notes))
         return out
 
@@ -567,6 +600,7 @@ def estimate(
     task: str = "auto",
     padded: bool = False,
     overhead_bytes: int | None = None,
+    heap_slack: bool = True,
 ) -> Estimate:
     """Bytes per part for ``method`` on ``arch`` (a preset name, config path, config or dict).
 
@@ -577,6 +611,8 @@ def estimate(
     defaults to ``seq_len``. ``task``: ``lm`` (loss at every position; the default for decoders) or
     ``classification`` (the default for encoders; a causal LM then scores one position). ``padded``:
     batches carry an attention mask, so SDPA gets the mask and grouped-query K/V are repeated per head.
+    ``heap_slack``: on CPU, glibc keeps freed tensor memory in its heap (its default); False when it is
+    told to return it (``MALLOC_MMAP_THRESHOLD_=131072``).
     """
     shape = as_shape(arch)
     cfg = resolve_method_config(method, method_cfg)
@@ -633,15 +669,20 @@ def estimate(
                                       grads - early_grads, last_block, opt_temp)
     else:
         peak_phase, transient = "forward", activations
+    cpu = train and device == "cpu"
+    runtime = CPU_RUNTIME if cpu else 0
+    slack = int(HEAP_SLACK_BASE + CPU_HEAP_SLACK * _heap_activations(step, activations)) if cpu and heap_slack else 0
 
     inputs = dict(model=shape.name, method=method, method_cfg=json.loads(json.dumps(cfg, default=str)),
                   batch_size=batch_size, seq_len=seq_len, precision=precision, weights_dtype=weights_dtype,
                   gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer, mode=mode,
                   base_quant=base_quant, double_quant=double_quant, kv_cache_len=kv_cache_len,
-                  master_weights=master_weights, device=device, attention=kernel, task=task, padded=bool(padded))
+                  master_weights=master_weights, device=device, attention=kernel, task=task, padded=bool(padded),
+                  heap_slack=bool(heap_slack))
     return Estimate(frozen_weights=int(frozen), trainable_weights=int(trainable_bytes), gradients=int(grads),
                     optimizer_states=int(opt_states), activations=int(activations), kv_cache=int(kv_cache),
-                    quant_constants=int(quant_consts), overhead=int(overhead), total_bytes=int(persistent + transient),
+                    quant_constants=int(quant_consts), overhead=int(overhead), cpu_runtime=int(runtime),
+                    cpu_heap_slack=int(slack), total_bytes=int(persistent + transient + runtime + slack),
                     total_params=count_parameters(shape), trainable_params=trainable, peak_phase=peak_phase,
                     inputs=inputs, notes=notes)
 
@@ -945,6 +986,14 @@ def _training_activations(x: _Step) -> tuple[float, float]:
     inputs = tokens * s.layers * x.c * s.hidden  # each block's input
     one_block = _weight_copies(x, 1) + block + workspace  # recomputed, then its backward
     return fixed + inputs + max(logits, one_block), one_block
+
+
+def _heap_activations(x: _Step, activations: float) -> float:
+    """The activations that glibc's heap holds: all but logits-sized tensors of ``GLIBC_MMAP_MAX`` or more
+    (smollm2's (b, s, 49152) logits at 8 × 64 are 96 MiB), which glibc maps and unmaps by themselves."""
+    if not x.shape.is_decoder or x.batch * x.seq * x.shape.vocab * 4 < GLIBC_MMAP_MAX:
+        return activations
+    return max(activations - x.batch * x.seq * _logits_bytes(x), 0.0)
 
 
 def _inference_activations(x: _Step) -> float:

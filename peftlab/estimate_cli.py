@@ -18,7 +18,8 @@ Keys read (everything else in a known group is accepted and ignored, as it does 
     trainer.device (cuda|cpu|auto), task.max_length, optim.name (adamw|adamw8bit), mode (train|inference)
     task (lm | sentiment) or task.type (lm | classification): the loss over every position, or one
     estimate.kv_cache_len, estimate.attention (auto|sdpa|math|eager), estimate.overhead_gb,
-    estimate.master_weights, estimate.padded (batches carry padding)
+    estimate.master_weights, estimate.padded (batches carry padding), estimate.cpu_heap_slack
+    (false when glibc returns freed tensors to the OS: MALLOC_MMAP_THRESHOLD_=131072)
 """
 from __future__ import annotations
 
@@ -102,6 +103,7 @@ def build_estimate(values: dict[str, Any], device_hint: str | None = None) -> Es
         task=str(v.get("task.type") or TASK_TYPES.get(str(v.get("task")), "auto")),
         padded=_bool("estimate.padded", v.get("estimate.padded", False)),
         overhead_bytes=None if overhead_gb is None else int(overhead_gb * GiB),
+        heap_slack=_bool("estimate.cpu_heap_slack", v.get("estimate.cpu_heap_slack", True)),
     )
 
 
@@ -145,15 +147,17 @@ def estimate_main(argv: list[str], measure: Callable[[list[str]], int] | None = 
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        out["measured_peak_bytes"] = int(measured)
-        out["estimate_error"] = result.allocated_bytes / measured - 1 if measured else None
+        # like with like: CUDA measures every tensor (weights included), CPU the RSS training adds
+        compared = result.allocated_bytes if result.inputs["device"] == "cuda" else result.training_bytes
+        out.update(measured_peak_bytes=int(measured), compared_bytes=compared,
+                   estimate_error=compared / measured - 1 if measured else None)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     print(result.format_table())
     if args.measure:
         print(f"{'measured peak':<20}{out['measured_peak_bytes'] / GiB:>10.2f}{out['measured_peak_bytes'] / GB:>10.2f}"
-              f"   (estimate without overhead {result.allocated_bytes / GiB:.2f} GiB, "
+              f"   (estimate of the same {out['compared_bytes'] / GiB:.2f} GiB, "
               f"{100 * (out['estimate_error'] or 0):+.1f}%)")
     return 0
 

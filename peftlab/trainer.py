@@ -220,7 +220,7 @@ class Trainer:
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         self.model.train()
         memory = PeakMemory(self.device)
-        memory.start()
+        memory.start(resident=[*self.model.parameters(), *self.model.buffers()])
         stream = self.batches(skip=progress.step * t.grad_accum)
         tokens, examples, epoch, loss_value = progress.tokens, progress.examples, progress.epoch, progress.loss
         status, reason = "ok", None

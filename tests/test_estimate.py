@@ -303,6 +303,39 @@ def test_estimate_matches_the_measured_peak_on_cpu(preset, method, cfg, precisio
     assert e.allocated_bytes == pytest.approx(measured, rel=0.10)
 
 
+def test_cpu_terms_are_named_parts_of_cpu_training_only():
+    """RSS on CPU = tensors + a constant runtime + heap slack growing with the heap's activations."""
+    from peftlab.estimate import CPU_HEAP_SLACK, CPU_RUNTIME, HEAP_SLACK_BASE
+
+    kw = dict(batch_size=32, seq_len=64, task="classification")
+    cpu = estimate("minilm", "lora", device="cpu", **kw)
+    assert cpu.cpu_runtime == CPU_RUNTIME > 0
+    assert cpu.cpu_heap_slack == int(HEAP_SLACK_BASE + CPU_HEAP_SLACK * cpu.activations)  # encoder: no logits
+    assert estimate("minilm", "lora", device="cpu", **{**kw, "batch_size": 64}).cpu_heap_slack > cpu.cpu_heap_slack
+    assert cpu.allocated_bytes == cpu.total_bytes - cpu.cpu_runtime - cpu.cpu_heap_slack
+    assert cpu.training_bytes == pytest.approx(  # a PEFT method peaks when backward starts; parts are whole bytes
+        cpu.gradients + cpu.optimizer_states + cpu.activations + cpu.cpu_runtime + cpu.cpu_heap_slack, abs=4)
+    cuda = estimate("minilm", "lora", device="cuda", **kw)
+    inference = estimate("minilm", "lora", device="cpu", mode="inference", **kw)
+    assert cuda.cpu_runtime == cuda.cpu_heap_slack == inference.cpu_runtime == inference.cpu_heap_slack == 0
+    returned = estimate("minilm", "lora", device="cpu", heap_slack=False, **kw)  # MALLOC_MMAP_THRESHOLD_ set
+    assert returned.cpu_heap_slack == 0 and returned.cpu_runtime == CPU_RUNTIME
+    assert returned.allocated_bytes == cpu.allocated_bytes  # the tensors do not depend on the allocator
+    assert returned.total_bytes == pytest.approx(cpu.total_bytes - cpu.cpu_heap_slack, abs=4)
+
+
+def test_heap_slack_leaves_out_logits_glibc_maps_by_themselves():
+    """(b, s, vocab) logits of 32 MiB or more are mmapped and unmapped by glibc: no heap slack from them."""
+    from peftlab.estimate import CPU_HEAP_SLACK, HEAP_SLACK_BASE
+
+    kw = dict(device="cpu", task="classification")
+    large = estimate("smollm2-135m", "lora", {}, 8, 64, **kw)  # 8 · 64 · 49152 · 4 bytes = 96 MiB
+    logits = 8 * 64 * 49152 * 4
+    assert large.cpu_heap_slack == int(HEAP_SLACK_BASE + CPU_HEAP_SLACK * (large.activations - logits))
+    small = estimate("smollm2-135m", "lora", {}, 1, 64, **kw)  # 12 MiB: in the heap like the rest
+    assert small.cpu_heap_slack == int(HEAP_SLACK_BASE + CPU_HEAP_SLACK * small.activations)
+
+
 # --------------------------------------------------------------------------- #
 # Bad input: one ConfigError naming the key
 # --------------------------------------------------------------------------- #
@@ -386,6 +419,7 @@ def test_cli_hf_path_and_inference(capsys, tmp_path):
     (["model=hf"], "model.path"),
     (["modle=minilm"], "modle"),
     (["trainer.gradient_checkpointing=maybe"], "trainer.gradient_checkpointing"),
+    (["estimate.cpu_heap_slack=maybe"], "estimate.cpu_heap_slack"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, key):
     assert estimate_main(argv) == 2
@@ -400,10 +434,19 @@ def test_cli_measure_uses_the_hook(capsys):
         calls.append(overrides)
         return 10**9
 
-    argv = ["model=minilm", "method=lora", "trainer.batch_size=8", "--measure", "--json"]
+    argv = ["model=minilm", "method=lora", "trainer.batch_size=8", "trainer.device=cpu", "--measure", "--json"]
     assert estimate_main(argv, measure=fake) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["measured_peak_bytes"] == 10**9 and calls == [argv[:3]]
+    assert out["measured_peak_bytes"] == 10**9 and calls == [argv[:4]]
+    # CPU measures RSS growth over the loaded model: compared with what training adds, not the weights
+    assert out["compared_bytes"] == out["training_bytes"] == out["total_bytes"] - out["frozen_weights"] \
+        - out["trainable_weights"]
+    assert out["estimate_error"] == pytest.approx(out["training_bytes"] / 10**9 - 1)
+    assert out["cpu_runtime"] > 0 and out["cpu_heap_slack"] > 0
+    # CUDA measures max_memory_allocated, weights included: compared with every tensor
+    assert estimate_main(["model=minilm", "trainer.device=cuda", "--measure", "--json"], measure=fake) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compared_bytes"] == out["allocated_bytes"] == out["total_bytes"] - out["overhead"]
 
 
 def test_cli_measure_without_the_memory_module_fails_cleanly(capsys, monkeypatch):

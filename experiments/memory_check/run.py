@@ -1,61 +1,123 @@
 """Issue 6 check: `peftlab estimate` against a measured peak, on this machine.
 
-For each (model, method) it runs `peftlab estimate ... --measure --json` (3 real training
-steps through the trainer; CPU: RSS growth over the training phase, so the estimate compared
-is the part training adds: gradients + optimizer states + activations) and writes
-results/memory/estimate_vs_measured.{md,csv,json}.
+For each row it runs `peftlab estimate ... --measure --json` in a fresh process: 3 real training
+steps through the trainer; on CPU the measured peak is the RSS growth over the training phase
+(the weights paged in and the heap trimmed before it starts, peftlab.memory.PeakMemory), so the
+estimate compared is the part training adds: gradients + optimizer states + activations + the
+CPU terms (cpu runtime, cpu heap slack). Writes results/memory/estimate_vs_measured.{md,csv,json}.
 
-    .venv/bin/python experiments/memory_check/run.py
+Rows by role:
+  calibration  glibc's default allocator; the heap-slack term was fitted on these (fit.py)
+  held-out     glibc's default allocator, other batch sizes and lengths; fitted on nothing
+  mmap         MALLOC_MMAP_THRESHOLD_=131072: glibc returns every freed tensor to the OS, so the
+               estimate has no heap slack (estimate.cpu_heap_slack=false); fitted on nothing
+
+    PYTHONPATH=. .venv/bin/python experiments/memory_check/run.py            # measures every row
+    PYTHONPATH=. .venv/bin/python experiments/memory_check/run.py --reuse    # new estimates, old measurements
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from peftlab.estimate_cli import build_estimate, parse_overrides
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "results" / "memory"
-CASES = {
-    "minilm": ["model=minilm", "task=sentiment", "trainer.batch_size=32", "task.max_length=64"],
-    "smollm2-135m": ["model=smollm2-135m", "task=sentiment", "trainer.batch_size=8", "task.max_length=64"],
-}
 METHODS = ["full", "lora", "qlora", "dora"]
+MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+# (role, model, batch, length, methods). Sentiment snippets are padded to the longest in each batch:
+# at length 64 the measured batches reach 47-61 tokens; at 48 (batch 64) and 32 every batch is cut to it.
+CASES = [
+    ("calibration", "minilm", 32, 64, METHODS),
+    ("calibration", "smollm2-135m", 8, 64, METHODS),
+    ("calibration", "minilm", 16, 32, ["lora"]),
+    ("calibration", "smollm2-135m", 4, 32, ["lora"]),
+    ("held-out", "minilm", 64, 48, METHODS),
+    ("held-out", "smollm2-135m", 24, 32, METHODS),
+    ("mmap", "minilm", 64, 48, METHODS),
+    ("mmap", "smollm2-135m", 24, 32, METHODS),
+]
+COMMON = ["task=sentiment", "task.max_train_examples=1000", "estimate.padded=true"]
+MiB = 2**20
 
 
-def main() -> int:
-    rows = []
-    for model, overrides in CASES.items():
-        for method in METHODS:
-            command = [str(ROOT / ".venv/bin/peftlab"), "estimate", *overrides, f"method={method}", "--json", "--measure"]
-            proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode != 0:
-                rows.append({"model": model, "method": method, "error": proc.stderr.strip().splitlines()[-1]})
-                continue
-            out = json.loads(proc.stdout[proc.stdout.index("{"):])
-            # what training adds on top of the loaded, adapted model (that is what RSS growth measures):
-            # gradients, optimizer states and activations; weights and adapters exist before it starts
-            estimate = out["allocated_bytes"] - out["frozen_weights"] - out["quant_constants"] - out["trainable_weights"]
-            measured = out["measured_peak_bytes"]
-            rows.append({"model": model, "method": method, "estimate_MiB": round(estimate / 2**20, 1),
-                         "measured_MiB": round(measured / 2**20, 1),
-                         "error_pct": round(100 * (estimate / measured - 1), 1) if measured else None,
-                         "command": " ".join(["peftlab", "estimate", *overrides, f"method={method}", "--measure"])})
-            print(rows[-1], flush=True)
+def overrides(role: str, model: str, batch: int, length: int, method: str) -> list[str]:
+    args = [f"model={model}", f"method={method}", f"trainer.batch_size={batch}", f"task.max_length={length}", *COMMON]
+    return args + (["estimate.cpu_heap_slack=false"] if role == "mmap" else [])
+
+
+def command_line(role: str, args: list[str]) -> str:
+    env = [f"{k}={v}" for k, v in MMAP.items()] if role == "mmap" else []
+    return " ".join([*env, "peftlab", "estimate", *args, "--measure"])
+
+
+def measure(role: str, args: list[str]) -> int:
+    """RSS growth of 3 real steps: `peftlab estimate --measure --json` in a fresh process (RSS is per process)."""
+    command = [sys.executable, "-m", "peftlab.cli", "estimate", *args, "--json", "--measure"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "WANDB_MODE": "disabled", **(MMAP if role == "mmap" else {})}
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["no output"])[-1])
+    return json.loads(proc.stdout[proc.stdout.index("{"):])["measured_peak_bytes"]
+
+
+def row(role: str, args: list[str], measured: int) -> dict:
+    """The estimate of what training adds on CPU, part by part, beside the measured RSS growth."""
+    e = build_estimate(parse_overrides(args), device_hint="cpu")
+    model, method, batch, length = (a.partition("=")[2] for a in args[:4])
+    return {"role": role, "model": model, "method": method, "batch": int(batch), "length": int(length),
+            "tensors_MiB": round((e.training_bytes - e.cpu_runtime - e.cpu_heap_slack) / MiB, 1),
+            "cpu_runtime_MiB": round(e.cpu_runtime / MiB, 1), "cpu_heap_slack_MiB": round(e.cpu_heap_slack / MiB, 1),
+            "estimate_MiB": round(e.training_bytes / MiB, 1), "measured_MiB": round(measured / MiB, 1),
+            "measured_bytes": measured, "error_pct": round(100 * (e.training_bytes / measured - 1), 1),
+            "command": command_line(role, args)}
+
+
+def write(rows: list[dict]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "estimate_vs_measured.json").write_text(json.dumps(rows, indent=2))
-    keys = ["model", "method", "estimate_MiB", "measured_MiB", "error_pct", "error"]
+    (OUT / "estimate_vs_measured.json").write_text(json.dumps(rows, indent=2) + "\n")
+    keys = ["role", "model", "method", "batch", "length", "tensors_MiB", "cpu_runtime_MiB", "cpu_heap_slack_MiB",
+            "estimate_MiB", "measured_MiB", "error_pct"]
     with (OUT / "estimate_vs_measured.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| model | method | estimate (MiB) | measured (MiB) | error |", "|---|---|---|---|---|"]
+    lines = ["| rows | model | method | batch × length | tensors | + cpu runtime | + cpu heap slack | = estimate "
+             "| measured RSS growth | error |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r.get('estimate_MiB', '')} | {r.get('measured_MiB', '')} | "
-                     f"{r.get('error_pct', r.get('error', ''))} |")
+        lines.append(f"| {r['role']} | {r['model']} | {r['method']} | {r['batch']} × {r['length']} "
+                     f"| {r['tensors_MiB']} | {r['cpu_runtime_MiB']} | {r['cpu_heap_slack_MiB']} | **{r['estimate_MiB']}** "
+                     f"| {r['measured_MiB']} | {r['error_pct']:+.1f}% |")
+    lines.append("\nMiB. Largest error by role: " + ", ".join(
+        f"{role} {max(abs(r['error_pct']) for r in rows if r['role'] == role):.1f}%"
+        for role in dict.fromkeys(r["role"] for r in rows)) + ".")
     (OUT / "estimate_vs_measured.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reuse", action="store_true", help="keep the measurements already in "
+                        "estimate_vs_measured.json (rows not there are measured), recompute every estimate")
+    reuse = parser.parse_args().reuse
+    path = OUT / "estimate_vs_measured.json"
+    before = {r["command"]: r["measured_bytes"] for r in json.loads(path.read_text())} if reuse else {}
+    rows = []
+    for role, model, batch, length, methods in CASES:
+        for method in methods:
+            args = overrides(role, model, batch, length, method)
+            command = command_line(role, args)
+            measured = before[command] if command in before else measure(role, args)
+            print(command, measured, flush=True)
+            rows.append(row(role, args, measured))
+    write(rows)
     return 0
 
 
