@@ -174,6 +174,9 @@ def job_config(base: dict, choices: list[str]) -> dict:
             config[key] = OmegaConf.load(group_file)
         elif not override.is_delete():
             OmegaConf.update(config, key, value, force_add=True)
-    return OmegaConf.to_container(config)
+    try:  # a study's ``optim.lr: ${study.lr.${method.name}}`` shows its value, as in the jobs that ran
+        return OmegaConf.to_container(config, resolve=True)
+    except Exception:  # an interpolation only Hydra can resolve (${hydra:...}): keep it as written
+        return OmegaConf.to_container(config)
 
 

@@ -323,3 +323,13 @@ def test_table_of_a_real_tiny_run(tmp_path, capsys, monkeypatch):
     assert row.status() == "ok" and row.test.n == 1 and row.trainable == 73_728
     assert 0.0 <= row.test.mean <= 1.0 and row.estimate_mib > 0 and row.peak_mib > 0
     assert "73.7K" in table.render("md")
+
+
+def test_a_never_started_job_resolves_the_study_lr_of_its_method():
+    """A study's per-method lr (``${study.lr.${method.name}}``) shows as the value that job would use."""
+    from peftlab.sweeps import job_config
+
+    base = {"study": {"lr": {"lora": 1e-3, "dora": 2e-3}}, "method": {"name": "lora", "r": 8},
+            "optim": {"lr": "${study.lr.${method.name}}"}}
+    assert job_config(base, ["method=dora"])["optim"]["lr"] == 2e-3
+    assert job_config(base, ["seed=1"])["optim"]["lr"] == 1e-3
