@@ -38,7 +38,9 @@ CHECKPOINT_FILE = Path("checkpoint") / "checkpoint.pt"
 # with another logger, progress bar, checkpoint interval or thread count still matches.
 # threads: the thread count may change float summation order, but it is a property of the
 # machine (0 = its cores), not of the experiment.
-HASH_EXCLUDED = ("out_dir", "logger", "trainer.progress", "trainer.threads",
+# ``study`` holds a named sweep's settings, which act through resolved keys (``optim.lr`` from
+# ``study.lr``): editing one method's entry must not invalidate every other finished job
+HASH_EXCLUDED = ("out_dir", "logger", "study", "trainer.progress", "trainer.threads",
                  "trainer.checkpoint_every", "trainer.overwrite")
 FAIL_AT_STEP_ENV = "PEFTLAB_FAIL_AT_STEP"
 KILLED_EXIT_CODE = 137  # what a shell reports for a process killed with SIGKILL

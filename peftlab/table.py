@@ -36,8 +36,8 @@ from peftlab.sweeps import Run, collect_runs
 
 FORMATS = ("md", "csv", "latex")
 # keys that never become default row keys: they do not change what a run computes
-BOOKKEEPING = ("seed", "out_dir", "run_dir", "logger.", "trainer.progress", "trainer.log_every",
-               "trainer.save_adapter", "trainer.threads")
+BOOKKEEPING = ("seed", "out_dir", "run_dir", "logger.", "study.", "trainer.progress", "trainer.log_every",
+               "trainer.save_adapter", "trainer.threads")  # study.*: a sweep's settings, seen through optim.lr etc.
 MIB = 2**20
 REASON_WIDTH = 100  # characters of a failure reason shown in Markdown / LaTeX (CSV keeps all)
 

@@ -166,7 +166,8 @@ def test_config_hash_ignores_only_what_does_not_change_results():
     run = validate(compose(["trainer.max_steps=6"]))
     reference = config_hash(run)
     same = {"out_dir": "elsewhere", "logger.name": "wandb", "logger.mode": "online", "trainer.progress": False,
-            "trainer.threads": 3, "trainer.checkpoint_every": 7, "trainer.overwrite": True}
+            "trainer.threads": 3, "trainer.checkpoint_every": 7, "trainer.overwrite": True,
+            "study": {"name": "x", "lr": {"vera": 5e-2}}}
     other = {"trainer.max_steps": 7, "seed": 1, "optim.lr": 1e-3, "method.r": 4, "trainer.log_every": 3,
              "trainer.eval_batch_size": 8, "task.max_train_examples": 100, "model.path": "/elsewhere"}
     for dotted, value in {**same, **other}.items():

@@ -104,6 +104,7 @@ def test_default_keys_skip_bookkeeping_and_keys_that_follow_the_method(tmp_path)
     fake_run(tmp_path, method="full")
     result = json.loads((a / "result.json").read_text())
     result["config"]["logger"]["group"] = "another-sweep"  # bookkeeping: never a default key
+    result["config"]["study"] = {"lr": {"vera": 0.05}}  # a study's settings act through optim.lr & co.
     (a / "result.json").write_text(json.dumps(result))
     assert build_table([tmp_path]).keys == ["method.name"]  # method.r only follows method.name here
     fake_run(tmp_path, method="lora", r=8)
