@@ -180,9 +180,9 @@ def demo_main(argv: list[str]) -> int:
     comparison table and the spectra of LoRA's ΔW (``peftlab analyze``)."""
     from peftlab.analysis.cli import analyze_main
     from peftlab.table import build_table
+    from peftlab.trainer import available_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={cores}"]
+    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={available_cores()}"]
     code = train_main(["-m", *launcher, *argv], experiment="demo")
     if code:
         return code

@@ -64,12 +64,16 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def set_threads(threads: int, processes: int = 1) -> int:
     """torch threads = the cores this process may use, shared by the ``processes`` torchrun started
     on this machine (oversubscription makes CPU runs much slower)."""
     if threads <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // processes)
+        threads = max(1, available_cores() // processes)
     torch.set_num_threads(threads)
     return threads
 
