@@ -4,7 +4,7 @@
 # forgetting: probe losses on English, code and chat.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-JOBS=${JOBS:-1}   # full fine-tuning of a 135M model: one job at a time on a 2-core CPU
+JOBS=${JOBS:-$(nproc)}   # one job per core, one thread each (batch 16 x <=16 tokens fits twice in RAM)
 train() { .venv/bin/peftlab train -m +experiment=learn_vs_forget hydra/launcher=joblib hydra.launcher.n_jobs="$JOBS" "$@"; }
 train method=full "$@"
 for r in 4 16 64; do
