@@ -24,6 +24,7 @@ Keys read (everything else in a known group is accepted and ignored, as it does 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -107,9 +108,11 @@ def build_estimate(values: dict[str, Any], device_hint: str | None = None) -> Es
     )
 
 
-def _default_measure(overrides: list[str]) -> int:
-    from peftlab.memory import measure_training_peak  # lazy: pulls in the trainer
+def _default_measure(overrides: list[str], allocator: str = "returning") -> int:
+    from peftlab.memory import measure_training_peak, return_freed_memory  # lazy: pulls in the trainer
 
+    if allocator == "returning" and _measured_device() == "cpu" and not return_freed_memory():
+        raise ConfigError("--allocator", "'returning' needs glibc's mallopt (Linux); use --allocator default")
     return int(measure_training_peak(overrides, steps=3))
 
 
@@ -127,6 +130,10 @@ def estimate_main(argv: list[str], measure: Callable[[list[str]], int] | None = 
     parser.add_argument("overrides", nargs="*", help="key=value, as for peftlab train")
     parser.add_argument("--json", action="store_true", help="print JSON: total_bytes and one key per part")
     parser.add_argument("--measure", action="store_true", help="also run 3 real steps and report the measured peak")
+    parser.add_argument("--allocator", choices=["returning", "default"], default="returning",
+                        help="CPU --measure: 'returning' (default) makes glibc return every freed tensor to the OS, so "
+                        "the RSS growth is reproducible and is compared without the heap-slack allowance; 'default' "
+                        "keeps glibc's heap reuse and compares with it")
     args = parser.parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU-kernel notice says nothing about memory
     try:
@@ -138,7 +145,8 @@ def estimate_main(argv: list[str], measure: Callable[[list[str]], int] | None = 
         return 2
     out = result.to_dict()
     if args.measure:
-        fn = measure or measure_fn or _default_measure
+        fn = measure or measure_fn or functools.partial(_default_measure, allocator=args.allocator)
+        returning = result.inputs["device"] == "cpu" and args.allocator == "returning"
         try:
             measured = fn(args.overrides)
         except (ImportError, AttributeError) as err:
@@ -147,9 +155,13 @@ def estimate_main(argv: list[str], measure: Callable[[list[str]], int] | None = 
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        # like with like: CUDA measures every tensor (weights included), CPU the RSS training adds
+        # like with like: CUDA measures every tensor (weights included), CPU the RSS training adds; with
+        # freed memory returned to the OS there is no heap slack to allow for
         compared = result.allocated_bytes if result.inputs["device"] == "cuda" else result.training_bytes
+        if returning:
+            compared -= result.cpu_heap_slack
         out.update(measured_peak_bytes=int(measured), compared_bytes=compared,
+                   allocator="returning" if returning else "default",
                    estimate_error=compared / measured - 1 if measured else None)
     if args.json:
         print(json.dumps(out, indent=2))
@@ -158,7 +170,7 @@ def estimate_main(argv: list[str], measure: Callable[[list[str]], int] | None = 
     if args.measure:
         print(f"{'measured peak':<20}{out['measured_peak_bytes'] / GiB:>10.2f}{out['measured_peak_bytes'] / GB:>10.2f}"
               f"   (estimate of the same {out['compared_bytes'] / GiB:.2f} GiB, "
-              f"{100 * (out['estimate_error'] or 0):+.1f}%)")
+              f"{100 * (out['estimate_error'] or 0):+.1f}%{', heap slack excluded: freed memory returned to the OS' if out['allocator'] == 'returning' else ''})")
     return 0
 
 

@@ -118,8 +118,9 @@ class Row:
     base: float | None          # mean test value of the base model (before tuning)
     trainable: int | None
     train_time_s: float | None
-    peak_mib: float | None
-    estimate_mib: float | None
+    peak_mib: float | None      # the training phase's peak: RSS on CPU, max_memory_allocated on CUDA
+    train_mib: float | None     # what training added at its peak (CPU: RSS growth; CUDA: the peak itself)
+    estimate_mib: float | None  # peftlab estimate of the same quantity as train_mib
     forgetting: float | None
     lr_tried: tuple = ()        # select_lr: every lr of this configuration
 
@@ -145,14 +146,42 @@ def _mean(values: list) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+ESTIMATE_RESIDENT = ("frozen_weights", "quant_constants", "trainable_weights", "kv_cache", "overhead")
+
+
+def measured_training_bytes(result: dict) -> int | None:
+    """What training added at its peak: RSS growth over the loaded model on CPU; on CUDA the
+    peak of ``max_memory_allocated`` itself (it counts every tensor, the weights included)."""
+    memory = result.get("memory") or {}
+    peak = memory.get("peak_bytes")
+    if not isinstance(peak, (int, float)):
+        return None
+    return peak if str(memory.get("kind", "")).startswith("cuda") else peak - (memory.get("baseline_bytes") or 0)
+
+
+def estimated_training_bytes(result: dict) -> int | None:
+    """The estimate of what :func:`measured_training_bytes` measures (like with like, see issue 6):
+    ``allocated_bytes`` on CUDA, ``training_bytes`` on CPU (older results: rebuilt from the parts)."""
+    memory = result.get("memory") or {}
+    est = memory.get("estimate") or {}
+    if str(memory.get("kind", "")).startswith("cuda"):
+        return est.get("allocated_bytes")
+    if "training_bytes" in est:
+        return est["training_bytes"]
+    if "total_bytes" not in est:
+        return None
+    return est["total_bytes"] - sum(est.get(part) or 0 for part in ESTIMATE_RESIDENT)
+
+
 def make_row(config: dict[str, Any], runs: list[Run], metric: str | None) -> Row:
     ok = [run.result for run in runs if run.status == "ok"]
     everyone = [run.result for run in runs]
     name = metric or task_metric(runs)
     selection = task_metric(runs) if name.startswith("forgetting") else name  # forgetting has no validation split
     test = [metric_value(result, name) for result in ok]
-    estimate = _mean([dig(r, "memory", "estimate", "total_bytes") for r in ok])
+    estimate = _mean([estimated_training_bytes(r) for r in ok])
     peak = _mean([dig(r, "memory", "peak_bytes") for r in ok])
+    grown = _mean([measured_training_bytes(r) for r in ok])
     trainable = next((t for t in (dig(r, "params", "trainable") for r in everyone) if isinstance(t, int)), None)
     return Row(
         config=config, runs=runs, metric=name, selection=selection,
@@ -162,6 +191,7 @@ def make_row(config: dict[str, Any], runs: list[Run], metric: str | None) -> Row
         trainable=trainable,
         train_time_s=_mean([dig(r, "train", "train_time_s") for r in ok]),
         peak_mib=None if peak is None else peak / MIB,
+        train_mib=None if grown is None else grown / MIB,
         estimate_mib=None if estimate is None else estimate / MIB,
         forgetting=_mean([dig(r, "forgetting", "mean") for r in ok]),
     )
@@ -343,6 +373,7 @@ class Table:
         columns += [
             _column("train s", "train_time_s", lambda r: r.train_time_s, lambda v: format_number(v, 1)),
             _column("peak MiB", "peak_mib", lambda r: r.peak_mib, lambda v: format_number(v, 0)),
+            _column("train MiB", "train_mib", lambda r: r.train_mib, lambda v: format_number(v, 0)),
             _column("est. MiB", "estimate_mib", lambda r: r.estimate_mib, lambda v: format_number(v, 0)),
         ]
         if not label.startswith("forgetting"):
@@ -368,7 +399,11 @@ class Table:
     def note(self) -> str:
         metric = self.metric() or "each row's metric"
         text = (f"{metric}: test split after tuning, mean ± sample std over n finished seeds "
-                f"(base: the model before tuning); params: trainable, excluding a new task head.")
+                f"(base: the model before tuning); params: trainable, excluding a new task head; "
+                f"peak MiB: the training phase's peak (CPU: process RSS; CUDA: max_memory_allocated); "
+                f"train MiB: what training added to the loaded model at that peak (CPU: RSS growth, after an "
+                f"evaluation it can reuse freed heap and read low; CUDA: the peak); est. MiB: peftlab estimate "
+                f"of that same quantity.")
         if self.select_lr:
             text += f" optim.lr: per configuration, the lr with the best mean validation {self.selection()}."
         return text

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -438,11 +440,16 @@ def test_cli_measure_uses_the_hook(capsys):
     assert estimate_main(argv, measure=fake) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["measured_peak_bytes"] == 10**9 and calls == [argv[:4]]
-    # CPU measures RSS growth over the loaded model: compared with what training adds, not the weights
-    assert out["compared_bytes"] == out["training_bytes"] == out["total_bytes"] - out["frozen_weights"] \
-        - out["trainable_weights"]
-    assert out["estimate_error"] == pytest.approx(out["training_bytes"] / 10**9 - 1)
-    assert out["cpu_runtime"] > 0 and out["cpu_heap_slack"] > 0
+    # CPU measures RSS growth over the loaded model: compared with what training adds, not the weights;
+    # by default freed memory goes back to the OS, so the heap-slack allowance is left out
+    assert out["training_bytes"] == out["total_bytes"] - out["frozen_weights"] - out["trainable_weights"]
+    assert out["cpu_runtime"] > 0 and out["cpu_heap_slack"] > 0 and out["allocator"] == "returning"
+    assert out["compared_bytes"] == out["training_bytes"] - out["cpu_heap_slack"]
+    assert out["estimate_error"] == pytest.approx(out["compared_bytes"] / 10**9 - 1)
+    # glibc's default allocator keeps freed memory for reuse: compared with the allowance
+    assert estimate_main([*argv, "--allocator", "default"], measure=fake) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compared_bytes"] == out["training_bytes"] and out["allocator"] == "default"
     # CUDA measures max_memory_allocated, weights included: compared with every tensor
     assert estimate_main(["model=minilm", "trainer.device=cuda", "--measure", "--json"], measure=fake) == 0
     out = json.loads(capsys.readouterr().out)
@@ -452,13 +459,36 @@ def test_cli_measure_uses_the_hook(capsys):
 def test_cli_measure_without_the_memory_module_fails_cleanly(capsys, monkeypatch):
     import peftlab.estimate_cli as cli
 
-    def missing(overrides):
+    def missing(overrides, allocator=None):
         raise ImportError("cannot import name 'measure_training_peak'")
 
     monkeypatch.setattr(cli, "_default_measure", missing)
     assert estimate_main(["--measure"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --measure")
+
+
+FRAGMENT_HEAP = """
+import sys, torch
+from peftlab.memory import _status_kib, return_freed_memory
+if sys.argv[1] == "returning":
+    assert return_freed_memory()
+big = torch.ones(16 * 2**20 // 4); del big        # glibc raises its mmap threshold to 16 MiB here
+rss = _status_kib("VmRSS")
+blocks = [torch.ones(8 * 2**20 // 4) for _ in range(10)]
+del blocks[:9]                                    # the last block pins the heap top: nothing to trim
+print((_status_kib("VmRSS") - rss) // 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc/self/status")
+def test_returning_allocator_gives_freed_tensors_back():
+    """What --measure relies on: with the default allocator, freed 8 MiB tensors stay resident
+    (heap reuse); with return_freed_memory() only the live one counts."""
+    grown = {mode: int(subprocess.run([sys.executable, "-c", FRAGMENT_HEAP, mode], capture_output=True, text=True,
+                                      check=True).stdout) for mode in ("default", "returning")}
+    assert grown["default"] >= 60, grown      # ~80 MiB: ten blocks' pages kept
+    assert grown["returning"] <= 12, grown    # ~8 MiB: the one live block
 
 
 def test_parse_overrides():

@@ -89,14 +89,33 @@ def test_full_fine_tuning_row_shows_the_full_count_and_columns(tmp_path):
     header, *body = [line for line in table.render("md").splitlines() if line.startswith("|")]
     titles = [cell.strip() for cell in header.strip("|").split("|")]
     assert titles[:3] == ["method.name", "status", "params"]
-    for title in ["params", "base accuracy", "accuracy", "median", "n", "train s", "peak MiB", "est. MiB", "forgetting"]:
+    for title in ["params", "base accuracy", "accuracy", "median", "n", "train s", "peak MiB", "train MiB", "est. MiB",
+                  "forgetting"]:
         assert title in titles, titles
     cells = {row.split("|")[1].strip(): [c.strip() for c in row.strip("|").split("|")] for row in body[1:]}
     full = dict(zip(titles, cells["full"]))
     assert full["params"] == "134.5M" and full["base accuracy"] == "0.7400" and full["forgetting"] == "0.0563"
     assert dict(zip(titles, cells["lora"]))["params"] == "73.7K"
-    peak = TEMPLATE["memory"]["peak_bytes"] / 2**20
-    assert full["peak MiB"] == f"{peak:.0f}"
+    memory = TEMPLATE["memory"]
+    assert full["peak MiB"] == f"{memory['peak_bytes'] / 2**20:.0f}"
+    # like with like: measured RSS growth beside the estimate of what training adds (not its total)
+    assert full["train MiB"] == f"{(memory['peak_bytes'] - memory['baseline_bytes']) / 2**20:.0f}"
+    est = memory["estimate"]
+    resident = sum(est.get(k) or 0 for k in ("frozen_weights", "quant_constants", "trainable_weights", "kv_cache",
+                                               "overhead"))
+    assert full["est. MiB"] == f"{(est['total_bytes'] - resident) / 2**20:.0f}" != f"{est['total_bytes'] / 2**20:.0f}"
+
+
+def test_memory_columns_compare_like_with_like_on_cuda_and_cpu():
+    from peftlab.table import estimated_training_bytes, measured_training_bytes
+
+    cpu = {"memory": {"kind": "rss_peak", "peak_bytes": 900, "baseline_bytes": 600,
+                      "estimate": {"total_bytes": 1000, "training_bytes": 310, "allocated_bytes": 950}}}
+    assert (measured_training_bytes(cpu), estimated_training_bytes(cpu)) == (300, 310)
+    cuda = {"memory": {"kind": "cuda_max_memory_allocated", "peak_bytes": 900, "baseline_bytes": 600,
+                       "estimate": {"total_bytes": 1000, "training_bytes": 310, "allocated_bytes": 950}}}
+    assert (measured_training_bytes(cuda), estimated_training_bytes(cuda)) == (900, 950)
+    assert measured_training_bytes({}) is None and estimated_training_bytes({"memory": {"estimate": {}}}) is None
 
 
 def test_default_keys_skip_bookkeeping_and_keys_that_follow_the_method(tmp_path):

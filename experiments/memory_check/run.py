@@ -9,8 +9,9 @@ CPU terms (cpu runtime, cpu heap slack). Writes results/memory/estimate_vs_measu
 Rows by role:
   calibration  glibc's default allocator; the heap-slack term was fitted on these (fit.py)
   held-out     glibc's default allocator, other batch sizes and lengths; fitted on nothing
-  mmap         MALLOC_MMAP_THRESHOLD_=131072: glibc returns every freed tensor to the OS, so the
-               estimate has no heap slack (estimate.cpu_heap_slack=false); fitted on nothing
+  returning    `--allocator returning` (the --measure default): glibc returns every freed tensor to the
+               OS (mallopt M_MMAP_THRESHOLD = 128 KiB, as MALLOC_MMAP_THRESHOLD_=131072 would), so
+               the estimate has no heap slack (estimate.cpu_heap_slack=false); fitted on nothing
 
     PYTHONPATH=. .venv/bin/python experiments/memory_check/run.py            # measures every row
     PYTHONPATH=. .venv/bin/python experiments/memory_check/run.py --reuse    # new estimates, old measurements
@@ -30,7 +31,6 @@ from peftlab.estimate_cli import build_estimate, parse_overrides
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "results" / "memory"
 METHODS = ["full", "lora", "qlora", "dora"]
-MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 # (role, model, batch, length, methods). Sentiment snippets are padded to the longest in each batch:
 # at length 64 the measured batches reach 47-61 tokens; at 48 (batch 64) and 32 every batch is cut to it.
 CASES = [
@@ -40,8 +40,10 @@ CASES = [
     ("calibration", "smollm2-135m", 4, 32, ["lora"]),
     ("held-out", "minilm", 64, 48, METHODS),
     ("held-out", "smollm2-135m", 24, 32, METHODS),
-    ("mmap", "minilm", 64, 48, METHODS),
-    ("mmap", "smollm2-135m", 24, 32, METHODS),
+    ("returning", "minilm", 32, 64, METHODS),
+    ("returning", "smollm2-135m", 8, 64, METHODS),
+    ("returning", "minilm", 64, 48, METHODS),
+    ("returning", "smollm2-135m", 24, 32, METHODS),
 ]
 COMMON = ["task=sentiment", "task.max_train_examples=1000", "estimate.padded=true"]
 MiB = 2**20
@@ -49,19 +51,22 @@ MiB = 2**20
 
 def overrides(role: str, model: str, batch: int, length: int, method: str) -> list[str]:
     args = [f"model={model}", f"method={method}", f"trainer.batch_size={batch}", f"task.max_length={length}", *COMMON]
-    return args + (["estimate.cpu_heap_slack=false"] if role == "mmap" else [])
+    return args + (["estimate.cpu_heap_slack=false"] if role == "returning" else [])
+
+
+def allocator(role: str) -> list[str]:
+    return ["--allocator", "returning" if role == "returning" else "default"]
 
 
 def command_line(role: str, args: list[str]) -> str:
-    env = [f"{k}={v}" for k, v in MMAP.items()] if role == "mmap" else []
-    return " ".join([*env, "peftlab", "estimate", *args, "--measure"])
+    return " ".join(["peftlab", "estimate", *args, "--measure", *allocator(role)])
 
 
 def measure(role: str, args: list[str]) -> int:
     """RSS growth of 3 real steps: `peftlab estimate --measure --json` in a fresh process (RSS is per process)."""
-    command = [sys.executable, "-m", "peftlab.cli", "estimate", *args, "--json", "--measure"]
+    command = [sys.executable, "-m", "peftlab.cli", "estimate", *args, "--json", "--measure", *allocator(role)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "WANDB_MODE": "disabled", **(MMAP if role == "mmap" else {})}
+           "WANDB_MODE": "disabled"}
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError((proc.stderr.strip().splitlines() or ["no output"])[-1])
@@ -108,13 +113,15 @@ def main() -> int:
                         "estimate_vs_measured.json (rows not there are measured), recompute every estimate")
     reuse = parser.parse_args().reuse
     path = OUT / "estimate_vs_measured.json"
-    before = {r["command"]: r["measured_bytes"] for r in json.loads(path.read_text())} if reuse else {}
+    key = lambda r: (r["role"], r["model"], r["method"], r["batch"], r["length"])  # noqa: E731
+    before = {key(r): r["measured_bytes"] for r in json.loads(path.read_text())} if reuse else {}
     rows = []
     for role, model, batch, length, methods in CASES:
         for method in methods:
             args = overrides(role, model, batch, length, method)
             command = command_line(role, args)
-            measured = before[command] if command in before else measure(role, args)
+            here = {"role": role, "model": model, "method": method, "batch": batch, "length": length}
+            measured = before[key(here)] if key(here) in before else measure(role, args)
             print(command, measured, flush=True)
             rows.append(row(role, args, measured))
     write(rows)
