@@ -104,6 +104,7 @@ class Progress:
     examples: int = 0
     loss: float = float("nan")
     train_time_s: float = 0.0
+    widest: int = 0              # tokens per sequence of the widest batch so far
 
 
 def rng_state() -> dict:

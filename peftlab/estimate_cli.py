@@ -108,12 +108,12 @@ def build_estimate(values: dict[str, Any], device_hint: str | None = None) -> Es
     )
 
 
-def _default_measure(overrides: list[str], allocator: str = "returning") -> int:
+def _default_measure(overrides: list[str], allocator: str = "returning") -> dict:
     from peftlab.memory import measure_training_peak, return_freed_memory  # lazy: pulls in the trainer
 
     if allocator == "returning" and _measured_device() == "cpu" and not return_freed_memory():
         raise ConfigError("--allocator", "'returning' needs glibc's mallopt (Linux); use --allocator default")
-    return int(measure_training_peak(overrides, steps=3))
+    return measure_training_peak(overrides, steps=3)
 
 
 def _measured_device() -> str:
@@ -155,12 +155,18 @@ def estimate_main(argv: list[str], measure: Callable[[list[str]], int] | None = 
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        # the measured batches are padded to their longest example: compare at the widest one measured
+        width = measured.get("seq_len") if isinstance(measured, dict) else None
+        measured = measured["peak_bytes"] if isinstance(measured, dict) else measured
+        same = result
+        if width and width < result.inputs["seq_len"]:
+            same = build_estimate({**values, "task.max_length": width}, device_hint=result.inputs["device"])
         # like with like: CUDA measures every tensor (weights included), CPU the RSS training adds; with
         # freed memory returned to the OS there is no heap slack to allow for
-        compared = result.allocated_bytes if result.inputs["device"] == "cuda" else result.training_bytes
+        compared = same.allocated_bytes if result.inputs["device"] == "cuda" else same.training_bytes
         if returning:
-            compared -= result.cpu_heap_slack
-        out.update(measured_peak_bytes=int(measured), compared_bytes=compared,
+            compared -= same.cpu_heap_slack
+        out.update(measured_peak_bytes=int(measured), measured_seq_len=width, compared_bytes=compared,
                    allocator="returning" if returning else "default",
                    estimate_error=compared / measured - 1 if measured else None)
     if args.json:
@@ -169,7 +175,8 @@ def estimate_main(argv: list[str], measure: Callable[[list[str]], int] | None = 
     print(result.format_table())
     if args.measure:
         print(f"{'measured peak':<20}{out['measured_peak_bytes'] / GiB:>10.2f}{out['measured_peak_bytes'] / GB:>10.2f}"
-              f"   (estimate of the same {out['compared_bytes'] / GiB:.2f} GiB, "
+              f"   (estimate of the same{f' at the widest measured batch, {width} tokens' if same is not result else ''}"
+              f" {out['compared_bytes'] / GiB:.2f} GiB, "
               f"{100 * (out['estimate_error'] or 0):+.1f}%{', heap slack excluded: freed memory returned to the OS' if out['allocator'] == 'returning' else ''})")
     return 0
 

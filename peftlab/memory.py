@@ -108,13 +108,15 @@ class PeakMemory:
         return {"kind": self.kind, "peak_bytes": self.peak_bytes(), "baseline_bytes": self.baseline_bytes}
 
 
-def measure_training_peak(overrides: list[str], steps: int = 3) -> int:
-    """Bytes the training phase of this configuration adds at its peak (``peftlab estimate --measure``).
+def measure_training_peak(overrides: list[str], steps: int = 3) -> dict:
+    """What the training phase of this configuration adds at its peak (``peftlab estimate --measure``).
 
     Runs ``steps`` real optimizer steps through the trainer (no evaluation, no saving) and
-    returns peak minus the baseline at the start of training: RSS growth on CPU (the weights
-    paged in and the heap trimmed before the baseline, see :class:`PeakMemory`),
-    ``max_memory_allocated`` on CUDA (where the baseline is the resident weights).
+    returns ``{"peak_bytes", "seq_len"}``: peak minus the baseline at the start of training, RSS
+    growth on CPU (the weights paged in and the heap trimmed before the baseline, see
+    :class:`PeakMemory`), ``max_memory_allocated`` on CUDA (where the baseline is the resident
+    weights); and the widest batch's tokens per sequence (batches are padded to their longest
+    example, so it can be below ``task.max_length``: an estimate to compare must use it).
     """
     import tempfile
 
@@ -131,9 +133,10 @@ def measure_training_peak(overrides: list[str], steps: int = 3) -> int:
         trainer.apply_method()
         tracker = Tracker(cfg.logger, Path(tmp), {}, name="measure")
         try:
-            report = trainer.fit(tracker)["memory"]
+            outcome = trainer.fit(tracker)
         finally:
             tracker.finish()
-    if report["kind"] == "cuda_max_memory_allocated":
-        return report["peak_bytes"]
-    return report["peak_bytes"] - report["baseline_bytes"]
+    report, width = outcome["memory"], outcome["train"]["widest_batch_tokens"]
+    grown = report["peak_bytes"] if report["kind"] == "cuda_max_memory_allocated" \
+        else report["peak_bytes"] - report["baseline_bytes"]
+    return {"peak_bytes": int(grown), "seq_len": width}

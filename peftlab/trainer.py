@@ -228,6 +228,7 @@ class Trainer:
         stream = self.batches(skip=progress.step * t.grad_accum)
         tokens, examples, epoch, loss_value = progress.tokens, progress.examples, progress.epoch, progress.loss
         status, reason = "ok", None
+        widest = progress.widest  # tokens per sequence of the widest batch (padded to its longest example)
         start = time.perf_counter() - progress.train_time_s
         bar = tqdm(range(progress.step, total_steps), initial=progress.step, total=total_steps,
                    desc=f"{cfg.method.name}", disable=not (t.progress and self.dist.is_main), dynamic_ncols=True)
@@ -248,6 +249,7 @@ class Trainer:
                 step_loss += float(loss.detach())
                 tokens += count_tokens(batch)
                 examples += batch["input_ids"].shape[0]
+                widest = max(widest, int(batch["input_ids"].shape[-1]))
             loss_value = self.dist.sync_gradients(params, step_loss)  # mean over ranks (grads and loss)
             if not math.isfinite(loss_value):
                 status, reason = "diverged", f"loss became {loss_value} at step {step}"
@@ -264,7 +266,7 @@ class Trainer:
                 tracker.log(step, {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "extra_loss": extra_value,
                                    "tokens": tokens, "tokens_per_s": tokens / elapsed, "epoch": epoch, "elapsed_s": elapsed})
             if self.dist.is_main and self.checkpoints.due(step + 1, total_steps):
-                done = Progress(step + 1, epoch, tokens, examples, loss_value, time.perf_counter() - start)
+                done = Progress(step + 1, epoch, tokens, examples, loss_value, time.perf_counter() - start, widest)
                 self.save_checkpoint(done, optimizer, scheduler)
             simulated_crash(step)
         bar.close()
@@ -281,6 +283,7 @@ class Trainer:
                 "tokens_per_s": tokens / train_time if train_time > 0 else None,
                 "train_time_s": train_time,
                 "final_loss": loss_value,
+                "widest_batch_tokens": widest,
                 "param_groups": [{"name": g.get("name", str(i)), "lr": g["initial_lr"], "count": count(g["params"])}
                                  for i, g in enumerate(optimizer.param_groups)],
             },

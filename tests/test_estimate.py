@@ -27,7 +27,7 @@ from peftlab.estimate import (
     quantizable_parameters,
     trainable_parameters,
 )
-from peftlab.estimate_cli import estimate_main, parse_overrides
+from peftlab.estimate_cli import build_estimate, estimate_main, parse_overrides
 
 PRESETS = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "mistral-7b", "qwen2.5-7b",
            "roberta-base", "roberta-large", "minilm", "smollm2-135m"]
@@ -450,6 +450,12 @@ def test_cli_measure_uses_the_hook(capsys):
     assert estimate_main([*argv, "--allocator", "default"], measure=fake) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["compared_bytes"] == out["training_bytes"] and out["allocator"] == "default"
+    # batches are padded to their longest example: compared at the widest width measured, not max_length
+    assert estimate_main([*argv[:4], "task.max_length=64", *argv[4:]], measure=lambda o: {"peak_bytes": 10**9, "seq_len": 40}) == 0
+    out = json.loads(capsys.readouterr().out)
+    at_40 = build_estimate(parse_overrides([*argv[:4], "task.max_length=40"]), device_hint="cpu")
+    assert out["measured_seq_len"] == 40 and out["compared_bytes"] == at_40.training_bytes - at_40.cpu_heap_slack
+    assert out["compared_bytes"] < out["training_bytes"] - out["cpu_heap_slack"]
     # CUDA measures max_memory_allocated, weights included: compared with every tensor
     assert estimate_main(["model=minilm", "trainer.device=cuda", "--measure", "--json"], measure=fake) == 0
     out = json.loads(capsys.readouterr().out)

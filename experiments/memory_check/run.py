@@ -62,22 +62,34 @@ def command_line(role: str, args: list[str]) -> str:
     return " ".join(["peftlab", "estimate", *args, "--measure", *allocator(role)])
 
 
-def measure(role: str, args: list[str]) -> int:
-    """RSS growth of 3 real steps: `peftlab estimate --measure --json` in a fresh process (RSS is per process)."""
+def measure(role: str, args: list[str]) -> tuple[int, int | None]:
+    """(RSS growth of 3 real steps, the widest measured batch's tokens per sequence):
+    `peftlab estimate --measure --json` in a fresh process (RSS is per process)."""
     command = [sys.executable, "-m", "peftlab.cli", "estimate", *args, "--json", "--measure", *allocator(role)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "WANDB_MODE": "disabled"}
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError((proc.stderr.strip().splitlines() or ["no output"])[-1])
-    return json.loads(proc.stdout[proc.stdout.index("{"):])["measured_peak_bytes"]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    return out["measured_peak_bytes"], out.get("measured_seq_len")
 
 
-def row(role: str, args: list[str], measured: int) -> dict:
-    """The estimate of what training adds on CPU, part by part, beside the measured RSS growth."""
-    e = build_estimate(parse_overrides(args), device_hint="cpu")
+def row(role: str, args: list[str], measured: int, width: int | None) -> dict:
+    """The estimate of what training adds on CPU, part by part, beside the measured RSS growth.
+
+    Batches are padded to their longest example; where the widest measured batch is shorter than
+    task.max_length the estimate is made at its width (as `--measure` compares). Rows measured
+    before the width was recorded (width None: the default-allocator rows, on which the heap
+    slack was fitted) keep the estimate at task.max_length.
+    """
+    values = parse_overrides(args)
     model, method, batch, length = (a.partition("=")[2] for a in args[:4])
+    if width and width < int(length):
+        values["task.max_length"] = width
+    e = build_estimate(values, device_hint="cpu")
     return {"role": role, "model": model, "method": method, "batch": int(batch), "length": int(length),
+            "measured_seq_len": width,
             "tensors_MiB": round((e.training_bytes - e.cpu_runtime - e.cpu_heap_slack) / MiB, 1),
             "cpu_runtime_MiB": round(e.cpu_runtime / MiB, 1), "cpu_heap_slack_MiB": round(e.cpu_heap_slack / MiB, 1),
             "estimate_MiB": round(e.training_bytes / MiB, 1), "measured_MiB": round(measured / MiB, 1),
@@ -88,16 +100,17 @@ def row(role: str, args: list[str], measured: int) -> dict:
 def write(rows: list[dict]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "estimate_vs_measured.json").write_text(json.dumps(rows, indent=2) + "\n")
-    keys = ["role", "model", "method", "batch", "length", "tensors_MiB", "cpu_runtime_MiB", "cpu_heap_slack_MiB",
-            "estimate_MiB", "measured_MiB", "error_pct"]
+    keys = ["role", "model", "method", "batch", "length", "measured_seq_len", "tensors_MiB", "cpu_runtime_MiB",
+            "cpu_heap_slack_MiB", "estimate_MiB", "measured_MiB", "error_pct"]
     with (OUT / "estimate_vs_measured.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| rows | model | method | batch × length | tensors | + cpu runtime | + cpu heap slack | = estimate "
+    lines = ["| rows | model | method | batch × length (widest measured) | tensors | + cpu runtime | + cpu heap slack | = estimate "
              "| measured RSS growth | error |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['role']} | {r['model']} | {r['method']} | {r['batch']} × {r['length']} "
+        lines.append(f"| {r['role']} | {r['model']} | {r['method']} | {r['batch']} × {r['length']}"
+                     f"{' (' + str(r['measured_seq_len']) + ')' if r.get('measured_seq_len') else ''} "
                      f"| {r['tensors_MiB']} | {r['cpu_runtime_MiB']} | {r['cpu_heap_slack_MiB']} | **{r['estimate_MiB']}** "
                      f"| {r['measured_MiB']} | {r['error_pct']:+.1f}% |")
     lines.append("\nMiB. Largest error by role: " + ", ".join(
@@ -114,16 +127,17 @@ def main() -> int:
     reuse = parser.parse_args().reuse
     path = OUT / "estimate_vs_measured.json"
     key = lambda r: (r["role"], r["model"], r["method"], r["batch"], r["length"])  # noqa: E731
-    before = {key(r): r["measured_bytes"] for r in json.loads(path.read_text())} if reuse else {}
+    before = {key(r): (r["measured_bytes"], r.get("measured_seq_len")) for r in json.loads(path.read_text())
+              if r["role"] != "returning" or r.get("measured_seq_len")} if reuse else {}
     rows = []
     for role, model, batch, length, methods in CASES:
         for method in methods:
             args = overrides(role, model, batch, length, method)
             command = command_line(role, args)
             here = {"role": role, "model": model, "method": method, "batch": batch, "length": length}
-            measured = before[key(here)] if key(here) in before else measure(role, args)
-            print(command, measured, flush=True)
-            rows.append(row(role, args, measured))
+            measured, width = before[key(here)] if key(here) in before else measure(role, args)
+            print(command, measured, width, flush=True)
+            rows.append(row(role, args, measured, width))
     write(rows)
     return 0
 
