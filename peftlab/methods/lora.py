@@ -79,6 +79,22 @@ class LoRALayer(WeightDeltaLayer):
         b = self.lora_B.to(x.dtype)
         return F.linear(F.linear(self.dropout(x), a), b) * self.scaling  # (..., out)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + s·B A dropout(x), with the add and the scale fused into the second matmul.
+
+        ``addmm(out, h, Bᵀ, alpha=s)`` computes out + s·(h Bᵀ) in one GEMM (beta = 1): no separate
+        output-sized passes for ``* s`` and ``+``, forward or backward, where ``branch()`` needs two.
+        """
+        out = self.base(x)
+        if self.merged:
+            return out
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
+        b = self.lora_B.to(x.dtype)
+        if out.dtype != h.dtype or not out.is_contiguous():  # e.g. a bf16 base under an fp32 branch
+            return out + (F.linear(h, b) * self.scaling).to(out.dtype)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
+        return flat.view(out.shape)
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(s·B, A): ΔW = (s·B) @ A, shapes (out, r) and (r, in), fp32."""
         return self.lora_B.detach().float() * self.scaling, self.lora_A.detach().float()
