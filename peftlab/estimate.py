@@ -115,6 +115,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from peftlab.errors import ConfigError
+from peftlab.memory import RESIDENT_PARTS
 from peftlab.targets import FAMILIES, GROUPS, MODEL_TYPE_FAMILY, expand, parse_layers
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -519,8 +520,7 @@ class Estimate:
     @property
     def training_bytes(self) -> int:
         """What training adds to the loaded, adapted model at its peak: the RSS growth on CPU."""
-        return (self.total_bytes - self.frozen_weights - self.quant_constants - self.trainable_weights
-                - self.kv_cache - self.overhead)
+        return self.total_bytes - sum(getattr(self, part) for part in RESIDENT_PARTS)
 
     def to_dict(self) -> dict:
         out = {part: getattr(self, part) for part in PARTS}

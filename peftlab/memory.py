@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: peftlab.table reads reports without it
+    import torch
+
+# estimate parts resident before training starts (the loaded, adapted model): what the training
+# phase's measurement leaves out, so ``Estimate.training_bytes`` leaves them out too
+RESIDENT_PARTS = ("frozen_weights", "quant_constants", "trainable_weights", "kv_cache", "overhead")
 
 
 def _status_kib(field: str) -> int | None:
@@ -18,16 +23,23 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _glibc():
+    """glibc's C library, or None where there is none (macOS, musl)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def release_free_heap() -> None:
     """Give the C heap's free pages back to the OS (glibc's ``malloc_trim(0)``; a no-op elsewhere).
 
     Loading and tokenizing leave freed but resident memory in the heap; training would reuse it
     without growing RSS, so what a step seems to add would depend on what setup left behind.
     """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
@@ -44,14 +56,14 @@ def return_freed_memory() -> bool:
     of a page fault per fresh block (1.36x slower training on this CPU), so only ``--measure`` uses it.
     Same effect as ``MALLOC_MMAP_THRESHOLD_=131072`` at start-up; False where there is no glibc.
     """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, RETURNING_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and hasattr(libc, "mallopt") and bool(libc.mallopt(M_MMAP_THRESHOLD, RETURNING_THRESHOLD))
 
 
 def page_in(tensors: Iterable[torch.Tensor]) -> None:
     """Read every byte of these CPU tensors, so that memory-mapped ones are resident afterwards."""
+    import torch
+
     with torch.no_grad():
         for tensor in tensors:
             if tensor.device.type == "cpu" and tensor.numel():
@@ -82,6 +94,8 @@ class PeakMemory:
 
     def start(self, resident: Iterable[torch.Tensor] = ()) -> None:
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline_bytes = torch.cuda.memory_allocated(self.device)
@@ -96,6 +110,8 @@ class PeakMemory:
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
+            import torch
+
             return int(torch.cuda.max_memory_allocated(self.device))
         hwm = _status_kib("VmHWM")
         if hwm is not None:
@@ -106,6 +122,16 @@ class PeakMemory:
 
     def report(self) -> dict:
         return {"kind": self.kind, "peak_bytes": self.peak_bytes(), "baseline_bytes": self.baseline_bytes}
+
+
+def training_growth(report: dict) -> int | None:
+    """What training added at its peak, from a :meth:`PeakMemory.report` (``result.json["memory"]``):
+    RSS growth over the baseline on CPU; on CUDA the ``max_memory_allocated`` peak itself (it counts
+    every tensor, the weights included). None when the report has no peak."""
+    peak = report.get("peak_bytes")
+    if not isinstance(peak, (int, float)):
+        return None
+    return int(peak if str(report.get("kind", "")).startswith("cuda") else peak - (report.get("baseline_bytes") or 0))
 
 
 def measure_training_peak(overrides: list[str], steps: int = 3) -> dict:
@@ -136,7 +162,4 @@ def measure_training_peak(overrides: list[str], steps: int = 3) -> dict:
             outcome = trainer.fit(tracker)
         finally:
             tracker.finish()
-    report, width = outcome["memory"], outcome["train"]["widest_batch_tokens"]
-    grown = report["peak_bytes"] if report["kind"] == "cuda_max_memory_allocated" \
-        else report["peak_bytes"] - report["baseline_bytes"]
-    return {"peak_bytes": int(grown), "seq_len": width}
+    return {"peak_bytes": training_growth(outcome["memory"]), "seq_len": outcome["train"]["widest_batch_tokens"]}

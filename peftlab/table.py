@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from peftlab.errors import ConfigError
+from peftlab.memory import RESIDENT_PARTS, training_growth
 from peftlab.sweeps import Run, collect_runs
 
 FORMATS = ("md", "csv", "latex")
@@ -146,21 +147,8 @@ def _mean(values: list) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-ESTIMATE_RESIDENT = ("frozen_weights", "quant_constants", "trainable_weights", "kv_cache", "overhead")
-
-
-def measured_training_bytes(result: dict) -> int | None:
-    """What training added at its peak: RSS growth over the loaded model on CPU; on CUDA the
-    peak of ``max_memory_allocated`` itself (it counts every tensor, the weights included)."""
-    memory = result.get("memory") or {}
-    peak = memory.get("peak_bytes")
-    if not isinstance(peak, (int, float)):
-        return None
-    return peak if str(memory.get("kind", "")).startswith("cuda") else peak - (memory.get("baseline_bytes") or 0)
-
-
 def estimated_training_bytes(result: dict) -> int | None:
-    """The estimate of what :func:`measured_training_bytes` measures (like with like, see issue 6):
+    """The estimate of what :func:`peftlab.memory.training_growth` measures (like with like, see issue 6):
     ``allocated_bytes`` on CUDA, ``training_bytes`` on CPU (older results: rebuilt from the parts)."""
     memory = result.get("memory") or {}
     est = memory.get("estimate") or {}
@@ -170,7 +158,7 @@ def estimated_training_bytes(result: dict) -> int | None:
         return est["training_bytes"]
     if "total_bytes" not in est:
         return None
-    return est["total_bytes"] - sum(est.get(part) or 0 for part in ESTIMATE_RESIDENT)
+    return est["total_bytes"] - sum(est.get(part) or 0 for part in RESIDENT_PARTS)
 
 
 def make_row(config: dict[str, Any], runs: list[Run], metric: str | None) -> Row:
@@ -181,7 +169,7 @@ def make_row(config: dict[str, Any], runs: list[Run], metric: str | None) -> Row
     test = [metric_value(result, name) for result in ok]
     estimate = _mean([estimated_training_bytes(r) for r in ok])
     peak = _mean([dig(r, "memory", "peak_bytes") for r in ok])
-    grown = _mean([measured_training_bytes(r) for r in ok])
+    grown = _mean([training_growth(r.get("memory") or {}) for r in ok])
     trainable = next((t for t in (dig(r, "params", "trainable") for r in everyone) if isinstance(t, int)), None)
     return Row(
         config=config, runs=runs, metric=name, selection=selection,

@@ -107,15 +107,16 @@ def test_full_fine_tuning_row_shows_the_full_count_and_columns(tmp_path):
 
 
 def test_memory_columns_compare_like_with_like_on_cuda_and_cpu():
-    from peftlab.table import estimated_training_bytes, measured_training_bytes
+    from peftlab.memory import training_growth
+    from peftlab.table import estimated_training_bytes
 
     cpu = {"memory": {"kind": "rss_peak", "peak_bytes": 900, "baseline_bytes": 600,
                       "estimate": {"total_bytes": 1000, "training_bytes": 310, "allocated_bytes": 950}}}
-    assert (measured_training_bytes(cpu), estimated_training_bytes(cpu)) == (300, 310)
+    assert (training_growth(cpu["memory"]), estimated_training_bytes(cpu)) == (300, 310)
     cuda = {"memory": {"kind": "cuda_max_memory_allocated", "peak_bytes": 900, "baseline_bytes": 600,
                        "estimate": {"total_bytes": 1000, "training_bytes": 310, "allocated_bytes": 950}}}
-    assert (measured_training_bytes(cuda), estimated_training_bytes(cuda)) == (900, 950)
-    assert measured_training_bytes({}) is None and estimated_training_bytes({"memory": {"estimate": {}}}) is None
+    assert (training_growth(cuda["memory"]), estimated_training_bytes(cuda)) == (900, 950)
+    assert training_growth({}) is None and estimated_training_bytes({"memory": {"estimate": {}}}) is None
 
 
 def test_default_keys_skip_bookkeeping_and_keys_that_follow_the_method(tmp_path):
