@@ -9,7 +9,7 @@ result.json fields (schema_version 1):
                      total (base + adapter), trainable_pct, expected_trainable (closed form)}
   metrics           {before: {validation, test}, after: {validation, test}}   each {metric, loss, n}
   forgetting        probes {before, after, forgetting} when the task declares probes
-  train             {steps, epochs, examples, tokens, tokens_per_s, wall_time_s, train_time_s, final_loss,
+  train             {steps, epochs, examples, tokens, tokens_per_s, wall_time_s, train_time_s, final_loss, widest_batch_tokens,
                      param_groups: [{name, lr, count}]}
   memory            {kind: rss_peak | cuda_max_memory_allocated, peak_bytes, baseline_bytes}
   data              {source, hash, sizes, duplicates_removed}
