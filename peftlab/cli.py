@@ -7,6 +7,8 @@
     peftlab estimate [overrides]     memory estimate before a run
     peftlab table DIR... [opts]      paper-style table of runs / sweeps (--by KEYS --metric NAME
                                      --format md|csv|latex --out FILE --select-lr)
+    peftlab paired RUN... [--base R] paired test of each run against the base model on the same
+                                     test examples (McNemar p, 95% interval of Δ accuracy)
 
     torchrun --nproc_per_node=N -m peftlab.cli train [overrides]   one run, data-parallel over N processes
 
@@ -220,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         return estimate_main(rest)
     if command == "table":
         return table_main(rest)
-    return fail(f"unknown command {command!r}; allowed: train, demo, analyze, estimate, table")
+    if command == "paired":
+        from peftlab.analysis.paired import paired_main
+
+        return paired_main(rest)
+    return fail(f"unknown command {command!r}; allowed: train, demo, analyze, estimate, table, paired")
 
 
 if __name__ == "__main__":

@@ -354,7 +354,8 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
         result["model"] = {"name": arch.name, "path": arch.path, "family": arch.family, "kind": arch.kind}
         result["data"] = trainer.task.facts
         result["task"]["metric"] = trainer.task.metric_name
-        before = trainer.evaluate() if run_cfg.trainer.eval_before else None
+        per_example: dict = {}  # predictions.json: what each evaluation predicted per example (classification)
+        before = take_predictions(trainer.evaluate(), per_example, "before") if run_cfg.trainer.eval_before else None
         probes_before = trainer.evaluate_probes() if run_cfg.trainer.eval_before else None
         trainer.apply_method()
         result["params"] = trainer.parameter_counts()
@@ -362,7 +363,9 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
         outcome = trainer.fit(tracker)
         result.update(outcome)
         result["memory"]["estimate"] = estimate_for(run_cfg, trainer.device, trainer.dist.world_size)
-        after = trainer.evaluate() if outcome["status"] == "ok" else None
+        after = take_predictions(trainer.evaluate(), per_example, "after") if outcome["status"] == "ok" else None
+        if writes and per_example:
+            write_json_atomic(run_dir / "predictions.json", {"format": "peftlab-predictions-v1", **per_example})
         result["metrics"] = {"before": before, "after": after}
         if trainer.probes and probes_before is not None and after is not None:
             result["forgetting"] = forgetting_report(trainer.probes, probes_before, trainer.evaluate_probes())
@@ -387,6 +390,17 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
         write_json_atomic(run_dir / "result.json", result)
         trainer.checkpoints.remove()  # finished (ok or diverged): a re-run has nothing to continue
     return result
+
+
+def take_predictions(metrics: dict, per_example: dict, when: str) -> dict:
+    """Move the per-example lists a task returns (``predictions``, ``references``) out of each
+    split's metrics into ``per_example`` (``{"references": {split: [...]}, when: {split: [...]}}``),
+    so result.json keeps scalars and predictions.json holds what a paired test needs."""
+    for split, values in metrics.items():
+        if "predictions" in values:
+            per_example.setdefault(when, {})[split] = values.pop("predictions")
+            per_example.setdefault("references", {})[split] = values.pop("references")
+    return metrics
 
 
 def estimate_for(cfg: RunConfig, device: torch.device, world_size: int = 1) -> dict:

@@ -35,6 +35,15 @@ def check_result(result: dict, run_dir):
     assert (run_dir / "adapter" / "adapter.safetensors").exists()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows and {"loss", "lr", "tokens_per_s"} <= set(rows[0])
+    if on_disk["task"]["type"] == "classification":  # per-example predictions: out of result.json, into predictions.json
+        predictions = json.loads((run_dir / "predictions.json").read_text())
+        for when in ("before", "after"):
+            for split in ("validation", "test"):
+                metrics = on_disk["metrics"][when][split]
+                assert "predictions" not in metrics and "references" not in metrics
+                labels, predicted = predictions["references"][split], predictions[when][split]
+                assert len(labels) == len(predicted) == metrics["n"]
+                assert sum(p == y for p, y in zip(predicted, labels)) / len(labels) == pytest.approx(metrics["accuracy"])
     return on_disk
 
 

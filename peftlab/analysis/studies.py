@@ -1,6 +1,6 @@
 """Turn a study's sweeps into its committed results: ``python -m peftlab.analysis.studies SWEEP... --out DIR``.
 
-    SWEEP... ─► DIR/runs/<sweep>/<job>/{result.json, metrics.jsonl, config.yaml}   (no adapters, no checkpoints)
+    SWEEP... ─► DIR/runs/<sweep>/<job>/{result.json, metrics.jsonl, config.yaml, predictions.json}   (no adapters, no checkpoints)
              ─► DIR/table.md, table.csv           (peftlab table over every run)
              ─► DIR/metric_vs_params.png        (each configuration: mean ± std over seeds vs trainable params)
              ─► DIR/learn_vs_forget.png         (when runs measured forgetting: a point per run)
@@ -18,7 +18,7 @@ from typing import Sequence
 
 from peftlab.errors import ConfigError
 
-SMALL_FILES = ("result.json", "metrics.jsonl", "config.yaml")
+SMALL_FILES = ("result.json", "metrics.jsonl", "config.yaml", "predictions.json")
 
 
 def copy_runs(sweeps: Sequence[Path], out: Path) -> int:

@@ -97,6 +97,9 @@ class ClassificationTask(Task):
         return {
             **compute_metric(self.metric_name, predictions, references),
             "loss": sum(losses) / max(len(references), 1),
+            # per example, in split order (run() moves both lists out of result.json into predictions.json)
+            "predictions": predictions,
+            "references": references,
         }
 
 

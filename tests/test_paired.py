@@ -1,0 +1,57 @@
+"""The paired test of a run against the base model (peftlab/analysis/paired.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from scipy.stats import binomtest
+
+from peftlab.analysis.paired import PairedError, compare, mcnemar_p, paired_main, paired_table
+
+
+@pytest.mark.parametrize("wins,losses", [(0, 0), (3, 0), (12, 5), (40, 41), (7, 30)])
+def test_mcnemar_is_the_exact_binomial_test_on_discordant_pairs(wins, losses):
+    expected = 1.0 if wins + losses == 0 else binomtest(wins, wins + losses, 0.5).pvalue
+    assert mcnemar_p(wins, losses) == pytest.approx(expected, rel=1e-9)
+
+
+def test_compare_counts_discordant_examples_and_brackets_the_difference():
+    labels = [1, 0] * 50
+    base = list(labels)
+    base[:20] = [1 - y for y in labels[:20]]       # base wrong on the first 20
+    run = list(labels)
+    run[15:20] = base[15:20]                       # run wrong on 15..19 (the base too)
+    run[50:53] = [1 - y for y in labels[50:53]]    # and on 50..52 (the base right)
+    r = compare(base, run, labels)
+    assert (r.n, r.wins, r.losses) == (100, 15, 3)
+    assert (r.base, r.accuracy, r.delta) == pytest.approx((0.80, 0.92, 0.12))
+    assert r.low < 0.12 < r.high and r.low > 0  # significant: 15 wins vs 3 losses
+    assert r.p == pytest.approx(binomtest(3, 18, 0.5).pvalue)
+
+
+def write_run(folder, method, before, after, labels):
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps({"method": {"name": method}}))
+    data = {"format": "peftlab-predictions-v1", "references": {"test": labels}, "after": {"test": after}}
+    if before is not None:
+        data["before"] = {"test": before}
+    (folder / "predictions.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_base_comes_from_the_base_run_and_bad_input_is_one_line(tmp_path, capsys):
+    labels = [0, 1, 1, 0, 1, 0]
+    base = write_run(tmp_path / "base", "lora", [0, 0, 0, 0, 0, 0], labels, labels)
+    other = write_run(tmp_path / "dora", "dora", None, [0, 1, 1, 0, 0, 0], labels)
+    rows = paired_table([other], base=base)
+    assert (rows[0].method, rows[0].base, rows[0].wins, rows[0].losses) == ("dora", 0.5, 2, 0)
+    with pytest.raises(PairedError, match="no base predictions"):
+        paired_table([other])                      # its own 'before' is missing
+    elsewhere = write_run(tmp_path / "elsewhere", "lora", [0] * 5, [0] * 5, [0, 1, 0, 1, 0])
+    assert paired_main([str(elsewhere), "--base", str(base)]) == 2
+    assert capsys.readouterr().err.strip().endswith("its test labels differ from the base's (not the same examples)")
+    assert paired_main([str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "predictions.json: missing" in err[0]
+    assert paired_main([str(other), "--base", str(base)]) == 0
+    assert "| dora | dora | 6 | 0.500 | 0.833 | +0.333 |" in capsys.readouterr().out
