@@ -6,7 +6,7 @@ import json
 import pytest
 from scipy.stats import binomtest
 
-from peftlab.analysis.paired import PairedError, compare, mcnemar_p, paired_main, paired_table
+from peftlab.analysis.paired import PairedError, compare, holm, mcnemar_p, paired_main, paired_table
 
 
 @pytest.mark.parametrize("wins,losses", [(0, 0), (3, 0), (12, 5), (40, 41), (7, 30)])
@@ -55,3 +55,10 @@ def test_base_comes_from_the_base_run_and_bad_input_is_one_line(tmp_path, capsys
     assert len(err) == 1 and "predictions.json: missing" in err[0]
     assert paired_main([str(other), "--base", str(base)]) == 0
     assert "| dora | dora | 6 | 0.500 | 0.833 | +0.333 |" in capsys.readouterr().out
+
+
+def test_holm_adjusts_step_down_and_stays_monotone():
+    # Holm by hand: sorted 0.01, 0.02, 0.04, 0.30 times 4, 3, 2, 1 -> 0.04, 0.06, 0.08, 0.30 (monotone)
+    assert holm([0.04, 0.30, 0.01, 0.02]) == pytest.approx([0.08, 0.30, 0.04, 0.06])
+    assert holm([0.5, 0.5]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([0.03, 0.02]) == pytest.approx([0.04, 0.04])  # the larger one never drops below the smaller

@@ -7,6 +7,7 @@ The base and the trained model answer the same test examples, so the right test 
     b = examples the run gets right and the base got wrong     c = the reverse
     Δ = (b − c) / n,   95% interval Δ ± 1.96 · √(b + c − (b − c)²/n) / n
     p = exact McNemar: two-sided binomial test of b against b + c trials at ½
+    p_holm = p adjusted (Holm–Bonferroni) for the number of runs tested together in one table
 
 An unpaired comparison of two accuracies near 0.8 on n = 1000 needs Δ ≈ 0.036 to reach p < 0.05;
 the paired test needs only what the discordant examples say.
@@ -42,6 +43,7 @@ class Paired:
     wins: int         # b: right now, wrong before
     losses: int       # c: wrong now, right before
     p: float          # exact McNemar, two-sided
+    p_holm: float = float("nan")  # p adjusted for the number of runs in the table (Holm), set by paired_table
 
 
 def mcnemar_p(wins: int, losses: int) -> float:
@@ -110,15 +112,29 @@ def paired_table(runs: Sequence[Path], base: Path | None = None, split: str = "t
         if labels != reference_side["references"].get(split):
             raise PairedError(f"{run}: its {split} labels differ from the base's (not the same examples)")
         rows.append(compare(reference_side["before"][split], data["after"][split], labels, run.name, method_name(run)))
+    for row, adjusted in zip(rows, holm([r.p for r in rows])):
+        row.p_holm = adjusted
     return rows
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (same order as given): the k-th smallest is multiplied by
+    m − k + 1, then made monotone; reject where adjusted < α controls the family-wise error at α."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def to_markdown(rows: Sequence[Paired]) -> str:
-    lines = ["| run | method | n | base | accuracy | Δ | 95% interval of Δ | wins / losses | p (McNemar) |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    lines = ["| run | method | n | base | accuracy | Δ | 95% interval of Δ | wins / losses | p (McNemar) | p (Holm) |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.run} | {r.method} | {r.n} | {r.base:.3f} | {r.accuracy:.3f} | {r.delta:+.3f} | "
-                     f"[{r.low:+.3f}, {r.high:+.3f}] | {r.wins} / {r.losses} | {r.p:.3g} |")
+                     f"[{r.low:+.3f}, {r.high:+.3f}] | {r.wins} / {r.losses} | {r.p:.3g} | {r.p_holm:.3g} |")
     return "\n".join(lines) + "\n"
 
 
