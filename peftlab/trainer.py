@@ -421,6 +421,12 @@ def estimate_for(cfg: RunConfig, device: torch.device, world_size: int = 1) -> d
     return est.to_dict()
 
 
+def written_files(run_dir: Path, result: dict) -> list[str]:
+    """What the run left in its folder, for the printout (the adapter only when it was saved)."""
+    names = ["result.json"] + [n for n in ("metrics.jsonl", "predictions.json") if (run_dir / n).exists()]
+    return names + (["adapter/"] if result.get("adapter") else [])
+
+
 def summary_line(result: dict) -> dict:
     """The headline numbers of a run (W&B summary, CLI printout)."""
     metric = result["task"]["metric"]
@@ -449,7 +455,7 @@ def describe(result: dict) -> str:
         f"time        {result['train']['train_time_s']:.1f} s training, {result['wall_time_s']:.1f} s wall, "
         f"{result['train']['tokens_per_s']:.0f} tokens/s, peak {result['memory']['peak_bytes'] / 2**20:.0f} MiB "
         f"({result['memory']['kind']})",
-        f"files       {result['run_dir']}/result.json, metrics.jsonl, adapter/",
+        f"files       {result['run_dir']}/" + ", ".join(written_files(Path(result["run_dir"]), result)),
     ]
     return "\n".join(lines)
 
