@@ -84,19 +84,12 @@ class LoRALayer(WeightDeltaLayer):
 
         ``addmm(out, h, Bᵀ, alpha=s)`` computes out + s·(h Bᵀ) in one GEMM (beta = 1): no separate
         output-sized passes for ``* s`` and ``+``, forward or backward, where ``branch()`` needs two.
-        Over a plain ``nn.Linear`` (outside autocast) the GEMM adds into the base's fresh 2-D output
-        in place (``addmm_``): a linear's backward needs its input and weight, never its output, so
-        this is exact and saves copying the output once per layer.
         """
+        out = self.base(x)
         if self.merged:
-            return self.base(x)
+            return out
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
         b = self.lora_B.to(x.dtype)
-        if type(self.base) is nn.Linear and x.dtype == self.base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            flat = self.base(x.reshape(-1, x.shape[-1]))  # a new (tokens, out) tensor, not a view
-            flat.addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
-            return flat.view(*x.shape[:-1], flat.shape[-1])
-        out = self.base(x)
         if out.dtype != h.dtype or not out.is_contiguous():  # e.g. a bf16 base under an fp32 branch
             return out + (F.linear(h, b) * self.scaling).to(out.dtype)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
