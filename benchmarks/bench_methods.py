@@ -65,7 +65,7 @@ from torch import nn
 from peftlab.config import OptimConfig
 from peftlab.errors import ConfigError
 from peftlab.methods import METHODS
-from peftlab.models import load_base
+from peftlab.models import Arch, load_base
 from peftlab.optim import build_optimizer
 from peftlab.results import device_description, git_state, now, versions, write_json_atomic
 from peftlab.targets import resolve_targets
@@ -529,14 +529,18 @@ def write_outputs(out: Path, device: torch.device, report: dict, sections: list[
 
 
 # --------------------------------------------------------------------------- #
-def bench_model(model_name: str, methods: list[str], args, device: torch.device) -> tuple[dict, str]:
-    started = time.perf_counter()
+def prepare(model_name: str, device: torch.device) -> tuple[Arch, dict, Copier]:
+    """(arch, the fixed batch, a Copier of the frozen base in train mode): what every variant is built from."""
     base, _tokenizer, arch = load_base(model_name)
     base.to(device).train()  # dropout on, as in training, for every variant alike
     for p in base.parameters():
         p.requires_grad_(False)
-    batch = fixed_batch(model_name, base, arch.kind, device)
-    copier = Copier(base, arch.head_parameters)
+    return arch, fixed_batch(model_name, base, arch.kind, device), Copier(base, arch.head_parameters)
+
+
+def bench_model(model_name: str, methods: list[str], args, device: torch.device) -> tuple[dict, str]:
+    started = time.perf_counter()
+    arch, batch, copier = prepare(model_name, device)
     total_steps = 1 + args.warmup + args.steps
     variants = build_all(model_name, methods, copier, arch, batch, total_steps)
     built = time.perf_counter()

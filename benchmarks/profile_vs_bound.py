@@ -19,8 +19,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_methods as bm  # noqa: E402
 
-from peftlab.models import load_base  # noqa: E402
-
 
 def self_ms_per_step(variant, steps: int) -> collections.Counter:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -38,10 +36,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (as bench_methods.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, _, arch = load_base(args.model, "classification" if args.model == "minilm" else "lm")
-    model.train()
-    batch = bm.fixed_batch(args.model, model, arch.kind, torch.device("cpu"))
-    copier = bm.Copier(model, arch.head_parameters)
+    arch, batch, copier = bm.prepare(args.model, torch.device("cpu"))
     bound = bm.build_bound(copier, batch)
     method = bm.build_peftlab(args.method, copier, arch, batch, 100, args.model)
     for variant in (bound, method, bound, method):  # warm-up: first-step allocations, optimizer state
