@@ -22,7 +22,15 @@ by k), so a busy machine slows all of them alike. Round 0 is the memory step, th
 untimed rounds, then --steps timed rounds. A variant's time is the median of its timed steps;
 a ratio is the median over timed rounds of the per-round ratio (paired), and the run order
 keeps each pair the targets compare next to each other (peftlab lora, bound, peft lora, ...).
-Process CPU time per step is recorded too (CSV/JSON). OpenMP threads wait passively (see below).
+Process CPU time per step is recorded too (CSV/JSON).
+
+OpenMP: the benchmark runs under the wait policy training gets (libgomp's default: a thread spins
+briefly, then sleeps), so run it on an otherwise idle machine. ``OMP_WAIT_POLICY=PASSIVE`` keeps a
+machine shared with other busy processes usable (spinning threads steal the core a descheduled peer
+needs: steps 3-6× slower there) but is not what training runs under, and it charges every parallel
+region a wake-up: methods with many small ops pay more (smollm2-135m LoRA / bound, 15 rounds, same
+idle machine: 1.068 passive, 1.044 default, 1.045 active; the bound itself 6% slower passive).
+The policy in force is recorded in the JSON.
 
 Peak memory: the bytes of live tensors at the peak of each variant's first step (untimed) =
 the tensors alive at its start (parameters, buffers, quantization state; the shared frozen
@@ -54,10 +62,6 @@ from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # packaged weights only: never reach for the hub
-# OpenMP threads that wait by spinning steal the core a descheduled peer needs: on a 2-core machine
-# shared with one other busy process that made every step 3-6× slower (and noisy); sleeping waits
-# cost ~3% on an idle machine. Must be set before torch loads libgomp.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402 (after the environment is set)
 from torch import nn
@@ -575,7 +579,7 @@ def main() -> None:
                           ("cpu" if args.device == "auto" else args.device))
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"{device_description(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {load}", flush=True)
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY') or 'default'}, load average {load}", flush=True)
     started_at = now()
     models, sections = {}, []
     for model_name in args.models:  # the files are rewritten after each model: an interrupted run keeps its part
@@ -583,7 +587,7 @@ def main() -> None:
         sections.append(section)
         report = {
             "device": device_description(device), "torch_threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_at_start": load,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default", "load_average_at_start": load,
             "load_average_now": ", ".join(f"{x:.1f}" for x in os.getloadavg()), "versions": versions(),
             **git_state(), "command": shlex.join([sys.executable, *sys.argv]), "started_at": started_at,
             "finished_at": now(), "steps": args.steps, "warmup": args.warmup, "learning_rate": LR, "models": models,
