@@ -42,13 +42,17 @@ CHECKPOINT_FILE = Path("checkpoint") / "checkpoint.pt"
 # ``study.lr``): editing one method's entry must not invalidate every other finished job
 HASH_EXCLUDED = ("out_dir", "logger", "study", "trainer.progress", "trainer.threads",
                  "trainer.checkpoint_every", "trainer.overwrite")
+# Keys added after runs were committed, left out while they hold the value those runs had: a
+# committed run re-run with today's code keeps its hash (is skipped, not refused).
+HASH_EXCLUDED_AT_DEFAULT = {"model.pooling": "cls"}
 FAIL_AT_STEP_ENV = "PEFTLAB_FAIL_AT_STEP"
 KILLED_EXIT_CODE = 137  # what a shell reports for a process killed with SIGKILL
 
 
 # ---------------------------------------------------------------------------- config hash
 def config_hash(run: RunConfig) -> str:
-    """sha256 of the canonical JSON of the validated config, without :data:`HASH_EXCLUDED`."""
+    """sha256 of the canonical JSON of the validated config, without :data:`HASH_EXCLUDED` (and
+    :data:`HASH_EXCLUDED_AT_DEFAULT` at their defaults)."""
     values = to_dict(run)
     for dotted in HASH_EXCLUDED:
         group, _, key = dotted.partition(".")
@@ -56,6 +60,10 @@ def config_hash(run: RunConfig) -> str:
             values[group].pop(key, None)
         else:
             values.pop(group, None)
+    for dotted, default in HASH_EXCLUDED_AT_DEFAULT.items():
+        group, _, key = dotted.partition(".")
+        if values.get(group, {}).get(key) == default:
+            values[group].pop(key)
     canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -29,6 +29,7 @@ class ModelConfig:
     path: Optional[str] = None       # source=hf: a transformers model id or a local directory
     kind: str = "encoder"            # encoder (sequence classification) | causal (causal LM)
     dtype: str = "float32"           # weights' dtype: float32 | bfloat16
+    pooling: str = "cls"             # encoder classifiers: cls (the model's pooler over [CLS]) | mean (masked mean of the last hidden states)
 
 
 @dataclass
@@ -119,6 +120,7 @@ CHOICES = {
     "model.kind": ("encoder", "causal"),
     "model.source": ("package", "hf"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.pooling": ("cls", "mean"),
     "task.type": ("classification", "lm"),
     "optim.name": ("adamw",),
     "trainer.precision": ("fp32", "bf16"),
@@ -204,6 +206,10 @@ def check_values(run: RunConfig) -> None:
         raise ConfigError("optim.weight_decay", f"got {o.weight_decay}; allowed: a number >= 0")
     if not 0 <= o.warmup_ratio < 1:
         raise ConfigError("optim.warmup_ratio", f"got {o.warmup_ratio}; allowed: a number in [0, 1)")
+    if run.model.pooling != "cls" and (run.model.kind != "encoder" or run.task.type != "classification"):
+        raise ConfigError("model.pooling", f"got {run.model.pooling!r} for a {run.model.kind} model on a {run.task.type} "
+                          "task; allowed: cls (pooling applies to encoder classifiers; causal models classify by "
+                          "the verbalizer's next-token logits)")
     if run.model.source == "hf" and not run.model.path:
         raise ConfigError("model.path", "model=hf needs model.path=<transformers model id or local directory>")
 

@@ -133,8 +133,50 @@ def load_tokenizer(location: str, cfg: ModelConfig):
     return tokenizer
 
 
+class MeanPool(nn.Module):
+    """Stands in for a BERT pooler: the mean of the last hidden states over the attended positions.
+
+    (B, T, d) -> (B, d). BertPooler sees only the hidden states, so a pre-hook on the encoder
+    (:func:`use_mean_pooling`) hands it each call's attention mask. Prefix tuning prepends its n
+    key positions to the mask (B, n+T): the last T columns are the tokens'. Prompt tuning prepends
+    n virtual tokens to the sequence itself, so they are averaged in like the text's tokens.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.mask: torch.Tensor | None = None  # (B, T') of the current call, set by the encoder's pre-hook
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return hidden.mean(dim=1)
+        weights = self.mask[:, -hidden.shape[1]:].to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def use_mean_pooling(model: nn.Module) -> None:
+    """Replace the pooler of a BERT-style classifier (dense + tanh over [CLS]) by :class:`MeanPool`.
+
+    Sentence-embedding checkpoints are trained for mean pooling (all-MiniLM-L6-v2 says so in its
+    1_Pooling/config.json) and leave the [CLS] pooler untrained. The classifier's dropout and
+    linear head stay as they are.
+    """
+    encoder = model.base_model
+    if getattr(encoder, "pooler", None) is None:
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        raise ConfigError("model.pooling", f"mean pooling replaces a BERT-style pooler, and this {model_type!r} "
+                          "classifier has none; allowed: cls")
+    encoder.pooler = MeanPool()
+    encoder.register_forward_pre_hook(_pass_mask_to_pooler, with_kwargs=True)
+
+
+def _pass_mask_to_pooler(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: the encoder's own pooler (a deep copy's too) gets this call's attention mask."""
+    encoder.pooler.mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
+
+
 def load_model(cfg: ModelConfig, task_type: str = "classification", num_labels: int = 2):
-    """(model, tokenizer, Arch). Encoders get a fresh classification head; causal LMs keep theirs."""
+    """(model, tokenizer, Arch). Encoders get a fresh classification head (over the pooled [CLS], or
+    the masked mean of the tokens with ``pooling=mean``); causal LMs keep theirs."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -150,6 +192,8 @@ def load_model(cfg: ModelConfig, task_type: str = "classification", num_labels: 
             model, info = _load_pretrained(AutoModelForCausalLM, location, cfg)
     except OSError as err:
         raise ConfigError("model.path", f"cannot load a model from {location!r}: {str(err).splitlines()[0]}") from None
+    if cfg.pooling == "mean":
+        use_mean_pooling(model)
     tokenizer = load_tokenizer(location, cfg)
     missing = set(info.get("missing_keys", ()))
     head = sorted(n for n, _ in model.named_parameters() if n in missing)

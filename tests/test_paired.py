@@ -49,12 +49,33 @@ def test_base_comes_from_the_base_run_and_bad_input_is_one_line(tmp_path, capsys
         paired_table([other])                      # its own 'before' is missing
     elsewhere = write_run(tmp_path / "elsewhere", "lora", [0] * 5, [0] * 5, [0, 1, 0, 1, 0])
     assert paired_main([str(elsewhere), "--base", str(base)]) == 2
-    assert capsys.readouterr().err.strip().endswith("its test labels differ from the base's (not the same examples)")
+    assert capsys.readouterr().err.strip().endswith("/base's (not the same examples)")
     assert paired_main([str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "predictions.json: missing" in err[0]
     assert paired_main([str(other), "--base", str(base)]) == 0
     assert "| dora | dora | 6 | 0.500 | 0.833 | +0.333 |" in capsys.readouterr().out
+
+
+def test_against_compares_trained_runs_one_reference_or_same_named_folders(tmp_path, capsys):
+    labels = [0, 1, 1, 0, 1, 0]
+    (tmp_path / "cls").mkdir(), (tmp_path / "mean").mkdir()
+    cls_lora = write_run(tmp_path / "cls" / "lora", "lora", [1] * 6, [0, 1, 1, 0, 0, 1], labels)   # 4 right
+    write_run(tmp_path / "cls" / "prompt", "prompt", [1] * 6, [0] * 6, labels)                      # 3 right
+    mean_lora = write_run(tmp_path / "mean" / "lora", "lora", None, [0, 1, 1, 0, 1, 1], labels)      # 5 right
+    mean_prompt = write_run(tmp_path / "mean" / "prompt", "prompt", None, [0, 1, 1, 0, 1, 0], labels)  # 6 right
+    rows = paired_table([mean_lora, mean_prompt], against=tmp_path / "cls")  # each meets its namesake's 'after'
+    assert [(r.method, r.base, r.accuracy, r.wins, r.losses) for r in rows] == [
+        ("lora", pytest.approx(4 / 6), pytest.approx(5 / 6), 1, 0), ("prompt", 0.5, 1.0, 3, 0)]
+    one = paired_table([mean_lora, mean_prompt], against=cls_lora)  # one run as the reference for all
+    assert [(r.wins, r.losses) for r in one] == [(1, 0), (2, 0)]
+    assert paired_main([str(mean_lora), "--against", str(tmp_path / "cls"), "--format", "md"]) == 0
+    assert "| run | method | n | against | accuracy |" in capsys.readouterr().out
+    with pytest.raises(PairedError, match="exclude each other"):
+        paired_table([mean_lora], base=cls_lora, against=cls_lora)
+    stray = write_run(tmp_path / "mean" / "dora", "dora", None, [0] * 6, labels)
+    with pytest.raises(PairedError, match=r"cls/dora/predictions\.json: missing"):
+        paired_table([stray], against=tmp_path / "cls")
 
 
 def test_holm_adjusts_step_down_and_stays_monotone():

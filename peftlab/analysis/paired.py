@@ -13,7 +13,11 @@ An unpaired comparison of two accuracies near 0.8 on n = 1000 needs Δ ≈ 0.036
 the paired test needs only what the discordant examples say.
 
 The base's predictions come from ``--base RUN`` (its ``before``), or else from each run's own
-``before``. Bad input (no predictions.json, different examples) is one ``error: PATH: ...`` line, exit 2.
+``before``. ``--against PATH`` compares trained runs with each other instead (the ``after`` of both):
+PATH is one run that every run is tested against, or a folder of runs, where each run meets the run
+of the same folder name (e.g. every method with ``model.pooling=mean`` against the same method with
+``cls``). The ``base`` column then holds that run's accuracy. Bad input (no predictions.json,
+different examples) is one ``error: PATH: ...`` line, exit 2.
 """
 from __future__ import annotations
 
@@ -94,24 +98,40 @@ def method_name(run: Path) -> str:
         return "?"
 
 
-def paired_table(runs: Sequence[Path], base: Path | None = None, split: str = "test") -> list[Paired]:
+def reference_for(run: Path, data: dict, base_data: dict | None, base: Path | None,
+                  against: Path | None) -> tuple[dict, str, Path]:
+    """(predictions file, side, its run folder) that ``run`` is compared with (see module docstring)."""
+    if against is not None:
+        where = against if (against / "predictions.json").exists() else against / run.name
+        reference, side = read_predictions(where), "after"
+        if side not in reference:
+            raise PairedError(f"{where}: has no predictions after training (did it finish?)")
+        return reference, side, where
+    reference, where = (base_data, base) if base_data is not None else (data, run)
+    if "before" not in reference:
+        raise PairedError(f"{where}: has no base predictions ('before'); run it with trainer.eval_before=true "
+                          "or pass --base RUN")
+    return reference, "before", where
+
+
+def paired_table(runs: Sequence[Path], base: Path | None = None, split: str = "test",
+                 against: Path | None = None) -> list[Paired]:
+    if base is not None and against is not None:
+        raise PairedError("--base and --against exclude each other (base: its predictions before training; "
+                          "against: a trained run's)")
     base_data = read_predictions(base) if base is not None else None
     rows = []
     for run in map(Path, runs):
         data = read_predictions(run)
-        reference_side = base_data if base_data is not None else data
-        if "before" not in reference_side:
-            where = base if base_data is not None else run
-            raise PairedError(f"{where}: has no base predictions ('before'); run it with trainer.eval_before=true "
-                              "or pass --base RUN")
+        reference, side, where = reference_for(run, data, base_data, base, Path(against) if against else None)
         if "after" not in data:
             raise PairedError(f"{run}: has no predictions after training (did it finish?)")
         labels = data["references"].get(split)
         if labels is None:
             raise PairedError(f"{run}: no {split!r} split; has {sorted(data['references'])}")
-        if labels != reference_side["references"].get(split):
-            raise PairedError(f"{run}: its {split} labels differ from the base's (not the same examples)")
-        rows.append(compare(reference_side["before"][split], data["after"][split], labels, run.name, method_name(run)))
+        if labels != reference["references"].get(split):
+            raise PairedError(f"{run}: its {split} labels differ from {where}'s (not the same examples)")
+        rows.append(compare(reference[side][split], data["after"][split], labels, run.name, method_name(run)))
     for row, adjusted in zip(rows, holm([r.p for r in rows])):
         row.p_holm = adjusted
     return rows
@@ -129,8 +149,8 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def to_markdown(rows: Sequence[Paired]) -> str:
-    lines = ["| run | method | n | base | accuracy | Δ | 95% interval of Δ | wins / losses | p (McNemar) | p (Holm) |",
+def to_markdown(rows: Sequence[Paired], reference: str = "base") -> str:
+    lines = [f"| run | method | n | {reference} | accuracy | Δ | 95% interval of Δ | wins / losses | p (McNemar) | p (Holm) |",
              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.run} | {r.method} | {r.n} | {r.base:.3f} | {r.accuracy:.3f} | {r.delta:+.3f} | "
@@ -142,17 +162,19 @@ def paired_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftlab paired", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (with predictions.json)")
     parser.add_argument("--base", type=Path, help="the run whose 'before' predictions are the base (default: each run's own)")
+    parser.add_argument("--against", type=Path,
+                        help="compare with a trained run's predictions (one run, or a folder: the run of the same name)")
     parser.add_argument("--split", default="test", help="validation | test (default test)")
     parser.add_argument("--format", choices=("md", "csv"), default="md")
     parser.add_argument("--out", type=Path, help="write the table here (default: print it)")
     args = parser.parse_args(argv)
     try:
-        rows = paired_table(args.runs, args.base, args.split)
+        rows = paired_table(args.runs, args.base, args.split, args.against)
     except PairedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.format == "md":
-        text = to_markdown(rows)
+        text = to_markdown(rows, "against" if args.against else "base")
     else:
         import pandas as pd
 

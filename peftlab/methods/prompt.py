@@ -11,7 +11,8 @@ Only P (n_virtual_tokens × d) trains. The attention mask gets n ones in front,
 logits (causal LM, (B, n+T, V)) come back for the ORIGINAL T positions. Encoder
 classifiers pool position 0, which after the prepend is the first virtual token,
 not [CLS]: this is what peft's PromptTuning does for BERT sequence classification,
-and we match it (the soft prompt is then free to act as the classification token).
+and we match it (the soft prompt is then free to act as the classification token). With
+``model.pooling=mean`` the head sees the mean over the virtual and the real tokens.
 
 Init (``init``): ``vocab`` copies the embeddings of n tokens drawn uniformly from
 the vocabulary (peft's SAMPLE_VOCAB; Lester et al. sample from the 5,000 most
