@@ -11,7 +11,7 @@ OUT=${OUT:-results/method_smoke/$MODEL-${STEPS}steps}
 declare -A LR EXTRA
 if [[ $MODEL == minilm ]]; then  # batch 16, as study 1; the new classifier head trains at 3e-3 in every run
   LR=([full]=5e-5 [bitfit]=2e-3 [lora]=1e-3 [rslora]=1e-3 [dora]=1e-3 [loraplus]=5e-4 [adalora]=5e-2 [loha]=1e-2
-      [lokr]=1e-2 [qlora]=1e-3 [vera]=5e-2 [ia3]=1e-2 [adapter]=1e-3 [prefix]=5e-3 [prompt]=3e-2)
+      [lokr]=1e-2 [qlora]=1e-3 [vera]=5e-2 [ia3]=1e-2 [adapter]=1e-3 [prefix]=1e-3 [prompt]=3e-2)
   BATCH=16; HEAD=(optim.head_lr=3e-3); METHODS=${METHODS:-"lora full bitfit rslora dora loraplus adalora loha lokr qlora vera ia3 adapter prefix prompt"}
 else                             # batch 8; the causal LM keeps its own head (label words)
   LR=([full]=5e-5 [lora]=1e-3 [rslora]=1e-3 [dora]=1e-3 [loraplus]=5e-4 [adalora]=1e-2 [loha]=1e-2 [lokr]=3e-3
