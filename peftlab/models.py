@@ -25,6 +25,7 @@ from torch import nn
 
 from peftlab.config import ModelConfig
 from peftlab.errors import ConfigError
+from peftlab.methods.prompt import call_kwargs
 from peftlab.targets import family_of
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def use_mean_pooling(model: nn.Module) -> None:
 
 def _pass_mask_to_pooler(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: the encoder's own pooler (a deep copy's too) gets this call's attention mask."""
-    encoder.pooler.mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
+    encoder.pooler.mask = call_kwargs(encoder, args, kwargs).get("attention_mask")
 
 
 def load_model(cfg: ModelConfig, task_type: str = "classification", num_labels: int = 2):

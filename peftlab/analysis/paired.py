@@ -123,7 +123,7 @@ def paired_table(runs: Sequence[Path], base: Path | None = None, split: str = "t
     rows = []
     for run in map(Path, runs):
         data = read_predictions(run)
-        reference, side, where = reference_for(run, data, base_data, base, Path(against) if against else None)
+        reference, side, where = reference_for(run, data, base_data, base, against)
         if "after" not in data:
             raise PairedError(f"{run}: has no predictions after training (did it finish?)")
         labels = data["references"].get(split)
