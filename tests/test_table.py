@@ -20,9 +20,10 @@ from peftlab.errors import ConfigError
 from peftlab.table import build_table, format_params, latex_escape
 from peftlab.tracking import sweep_group
 
-ROOT = Path(__file__).resolve().parent.parent
-# a real result.json (smollm2-135m + LoRA r=4, 12 steps): the fakes below change only what a test needs
-TEMPLATE = json.loads((ROOT / "results/forgetting_smollm2/lora_r4/result.json").read_text())
+DATA = Path(__file__).resolve().parent / "data"
+# a real result.json (smollm2-135m + LoRA r=4, 12 steps; a copy of results/forgetting_smollm2/lora_r4's,
+# so no test reads committed results): the fakes below change only what a test needs
+TEMPLATE = json.loads((DATA / "result_smollm2_lora_r4.json").read_text())
 
 
 def fake_run(folder: Path, *, method: str = "lora", r: int = 4, lr: float = 1e-3, seed: int = 0,
