@@ -14,7 +14,8 @@ not duplicated, so every variant fits in one process; full and bitfit get a priv
   peftlab  ``METHODS[name](config_class()).apply(model, arch)``; the task head trains, as in the
            trainer; one step = loss (+ extra_loss), backward, after_backward, AdamW step, zero_grad
   peft     the same method with the same config values through ``peft.get_peft_model`` on the same
-           target modules (AdaLoRA: + ``update_and_allocate``; LoRA+: ``create_loraplus_optimizer``;
+           target modules (the config from tests/peft_reference.py, the mapping the parity tests use;
+           AdaLoRA: + ``update_and_allocate``; LoRA+: ``create_loraplus_optimizer``;
            QLoRA: peftlab's bitsandbytes quantization, then peft's LoRA over it)
 
 Time: rounds interleave the variants (round k steps every variant once, in an order rotated
@@ -51,7 +52,6 @@ import argparse
 import copy
 import csv
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -69,16 +69,18 @@ from torch import nn
 from peftlab.config import OptimConfig
 from peftlab.errors import ConfigError
 from peftlab.methods import METHODS
-from peftlab.models import Arch, load_base
-from peftlab.optim import build_optimizer
-from peftlab.results import device_description, git_state, now, versions, write_json_atomic
-from peftlab.targets import resolve_targets
+from peftlab.models.loading import Arch, load_base
+from peftlab.training.optim import build_optimizer
+from peftlab.reporting.results import device_description, git_state, now, versions, write_json_atomic
+from peftlab.models.targets import resolve_targets
+
+# The peft side (config mapping, PEFT_METHODS) is the parity tests' own: tests/peft_reference.py.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from peft_reference import PEFT_METHODS, peft_config  # noqa: E402
 
 BATCH = {"minilm": (32, 64), "smollm2-135m": (8, 64)}  # (examples, tokens)
 LR = 5e-4  # AdamW's learning rate; it does not change the cost of a step
 OWN_WEIGHTS = ("full", "bitfit")  # methods that train base weights: they get a private copy
-PEFT_METHODS = ("lora", "rslora", "dora", "loraplus", "adalora", "vera", "ia3", "loha", "lokr",
-                "qlora", "prefix", "prompt")
 # Config values that differ from the registry default, per model (applied to peftlab and peft alike).
 MODEL_OVERRIDES = {
     # VeRA's default r=256 exceeds min(d, k)=192 of SmolLM2's v_proj (192×576, grouped-query
@@ -198,55 +200,13 @@ def build_peftlab(name: str, copier: Copier, arch, batch: dict, total_steps: int
                    trainable=count_optimized(optimizer), config=vars(config))
 
 
-def exact_names(names: list[str]) -> str:
-    """A regex peft full-matches against module names: exactly these modules."""
-    return "(" + "|".join(re.escape(n) for n in names) + ")"
-
-
-def peft_config(name: str, config, model: nn.Module, task_type: str, total_steps: int):
-    """peft's config for a peftlab method config: the same values, the same target modules."""
-    import peft
-
-    if name in ("prefix", "prompt"):
-        if name == "prompt":
-            return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=config.num_virtual_tokens)
-        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=config.num_virtual_tokens,
-                                       prefix_projection=config.prefix_projection,
-                                       encoder_hidden_size=config.encoder_hidden_size)
-    targets = exact_names(resolve_targets(model, config.targets, config.layers))
-    common = {"task_type": task_type, "target_modules": targets}
-    if name in ("lora", "rslora", "dora", "loraplus", "qlora"):
-        if config.rank_pattern:
-            raise ValueError("rank_pattern is not mapped to peft here")
-        return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                               use_rslora=config.rslora, use_dora=name == "dora",
-                               init_lora_weights=True if config.init == "kaiming" else "gaussian", **common)
-    if name == "adalora":
-        return peft.AdaLoraConfig(init_r=config.init_r, target_r=config.target_r, lora_alpha=config.alpha,
-                                  lora_dropout=config.dropout, tinit=config.tinit, tfinal=config.tfinal,
-                                  deltaT=config.deltaT, beta1=config.beta1, beta2=config.beta2,
-                                  orth_reg_weight=config.orth_reg_weight, total_step=total_steps, **common)
-    if name == "vera":
-        return peft.VeraConfig(r=config.r, projection_prng_key=config.projection_prng_key,
-                               d_initial=config.d_initial, vera_dropout=config.dropout, **common)
-    if name == "ia3":
-        feedforward = exact_names(resolve_targets(model, config.feedforward, config.layers))
-        return peft.IA3Config(feedforward_modules=feedforward, **common)
-    if name == "loha":
-        return peft.LoHaConfig(r=config.r, alpha=config.alpha, **common)
-    if name == "lokr":
-        return peft.LoKrConfig(r=config.r, alpha=config.alpha, decompose_both=config.decompose_both,
-                               decompose_factor=config.decompose_factor, **common)
-    raise KeyError(name)
-
-
 def build_peft(name: str, copier: Copier, arch, batch: dict, total_steps: int, model_name: str) -> Variant:
     import peft
     from peft.optimizers import create_loraplus_optimizer
 
     config = method_config(name, model_name)
     task_type = "SEQ_CLS" if arch.kind == "encoder" else "CAUSAL_LM"  # SEQ_CLS trains the head (modules_to_save)
-    peft_cfg = peft_config(name, config, copier.base, task_type, total_steps)
+    peft_cfg = peft_config(name, config, copier.base, task_type, total_steps=total_steps, resolve=resolve_targets)
     model = copier.copy()
     if name == "qlora":
         from peftlab.methods.qlora import COMPUTE_DTYPES, quantize

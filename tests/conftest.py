@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models built from configs (unit tests only) and offline settings."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,3 +63,77 @@ TINY = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 def tokens():
     torch.manual_seed(1)
     return torch.randint(0, 128, (2, 10))
+
+
+# --------------------------------------------------------------------------- #
+# Optional libraries: skip the tests that need one, never a whole module
+# --------------------------------------------------------------------------- #
+def installed(module: str) -> bool:
+    """Whether ``module`` is installed (found, not imported: a broken install fails its tests loudly)."""
+    return importlib.util.find_spec(module) is not None
+
+
+requires_peft = pytest.mark.skipif(
+    not installed("peft"), reason="needs peft, the numerical reference (a dev dependency: pip install -e '.[dev]')")
+requires_bitsandbytes = pytest.mark.skipif(
+    not installed("bitsandbytes"), reason="needs bitsandbytes (pip install bitsandbytes)")
+
+
+# --------------------------------------------------------------------------- #
+# Helpers shared by the method tests (tests/methods/)
+# --------------------------------------------------------------------------- #
+def make(name: str, **config):
+    """The registered method ``name`` with its config built from ``config`` (registry defaults otherwise)."""
+    from peftlab.methods import METHODS
+
+    cls = METHODS[name]
+    return cls(cls.config_class(**config))
+
+
+def batch(seed: int = 3, length: int = 9, padded: bool = True) -> dict:
+    """input_ids (2, length) and an attention mask whose second row is right-padded by 3 (``padded``)."""
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 128, (2, length))
+    mask = torch.ones(2, length, dtype=torch.long)
+    if padded:
+        mask[1, length - 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def assert_supports_conv1d_bases(name: str, **config) -> None:
+    """``name`` wraps GPT-2's Conv1D layers: identity at init, forward == F.linear(x, W0 + ΔW) + b, merge agrees.
+
+    (peft's LoHa and LoKr refuse Conv1D bases; peftlab's weight-delta layers take any linear-like layer.)
+    """
+    import torch.nn.functional as F
+
+    from peftlab.methods.base import base_weight
+
+    model = tiny_gpt2()
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        before = model(input_ids=tokens).logits
+    method = make(name, targets=["q", "o", "up", "down"], **config)
+    method.apply(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, before, atol=1e-6, rtol=0)
+        generator = torch.Generator().manual_seed(2)
+        for p in method.trainable_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    layers = method.layers(model)
+    assert len(layers) == 8
+    for layer in layers.values():
+        x = torch.randn(3, 5, layer.shape[1], generator=generator)
+        weight = base_weight(layer.base) + layer.delta_weight()
+        torch.testing.assert_close(layer(x), F.linear(x, weight, layer.base.bias), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        unmerged = model(input_ids=tokens).logits
+        method.merge(model)
+        torch.testing.assert_close(model(input_ids=tokens).logits, unmerged, atol=1e-5, rtol=1e-4)
+        method.unmerge(model)
+        torch.testing.assert_close(model(input_ids=tokens).logits, unmerged, atol=0, rtol=0)
