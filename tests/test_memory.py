@@ -1,4 +1,4 @@
-"""peftlab.memory on CPU: the training peak counts neither memory-mapped weights nor setup's leftovers."""
+"""peftlab.memory.measure on CPU: the training peak counts neither memory-mapped weights nor setup's leftovers."""
 from __future__ import annotations
 
 import ctypes
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftlab.memory import PeakMemory, page_in, release_free_heap
+from peftlab.memory.measure import PeakMemory, page_in, release_free_heap
 
 MiB = 2**20
 linux = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status")

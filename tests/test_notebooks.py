@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # trains two tiny runs of a real model, starts tw
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     from peftlab.config import compose
-    from peftlab.trainer import run
+    from peftlab.training.trainer import run
 
     root = tmp_path_factory.mktemp("runs")
     threads = torch.get_num_threads()

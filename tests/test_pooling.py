@@ -12,7 +12,7 @@ from conftest import tiny_bert
 from peftlab.config import compose, validate
 from peftlab.errors import ConfigError
 from peftlab.methods import METHODS
-from peftlab.models import MeanPool, use_mean_pooling
+from peftlab.models.loading import MeanPool, use_mean_pooling
 
 
 def make(name: str, **config):
@@ -98,7 +98,7 @@ def test_pooling_bad_input_names_the_key():
 
 def test_default_pooling_keeps_earlier_config_hashes():
     """Runs committed before model.pooling existed must keep their hash (re-runs skip them)."""
-    from peftlab.checkpoint import HASH_EXCLUDED, config_hash
+    from peftlab.training.checkpoint import HASH_EXCLUDED, config_hash
     from peftlab.config import to_dict
 
     cls_run = validate(compose(["model=minilm"]))

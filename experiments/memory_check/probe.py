@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from peftlab.config import compose, validate
-from peftlab.memory import PeakMemory
-from peftlab.optim import build_optimizer
+from peftlab.memory.measure import PeakMemory
+from peftlab.training.optim import build_optimizer
 from peftlab.tasks.base import to_device
-from peftlab.trainer import Trainer
+from peftlab.training.trainer import Trainer
 
 MiB = 2**20
 

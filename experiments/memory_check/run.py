@@ -2,7 +2,7 @@
 
 For each row it runs `peftlab estimate ... --measure --json` in a fresh process: 3 real training
 steps through the trainer; on CPU the measured peak is the RSS growth over the training phase
-(the weights paged in and the heap trimmed before it starts, peftlab.memory.PeakMemory), so the
+(the weights paged in and the heap trimmed before it starts, peftlab.memory.measure.PeakMemory), so the
 estimate compared is the part training adds: gradients + optimizer states + activations + the
 CPU terms (cpu runtime, cpu heap slack). Writes results/memory/estimate_vs_measured.{md,csv,json}.
 
@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from peftlab.estimate_cli import build_estimate, parse_overrides
+from peftlab.memory.cli import build_estimate, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "results" / "memory"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from peftlab.methods.base import base_weight
-from peftlab.runs import load_run
+from peftlab.reporting.runs import load_run
 
 
 def update_sizes(run_dir: Path) -> dict:

@@ -1,7 +1,7 @@
 """``peftlab analyze PATH... [--base MODEL] [--out DIR] [--compare OTHER]``.
 
 PATH is a peftlab run directory (``result.json``, ``config.yaml``, ``adapter/``),
-rebuilt with :func:`peftlab.runs.load_run`, or a LoRA adapter saved by HF peft
+rebuilt with :func:`peftlab.reporting.runs.load_run`, or a LoRA adapter saved by HF peft
 (``adapter_config.json`` + ``adapter_model.safetensors``), whose factors are
 read straight from the safetensors file — no base model needed for spectra::
 
@@ -11,7 +11,7 @@ read straight from the safetensors file — no base model needed for spectra::
     rank_pattern / alpha_pattern (matched as peft does: the pattern is a suffix of the module name)
 
 W0 (needed only for the amplification table) comes from the run's wrapped
-layers, or for a peft adapter from ``--base`` via ``peftlab.models.load_base``.
+layers, or for a peft adapter from ``--base`` via ``peftlab.models.loading.load_base``.
 
 Writes to ``--out``: spectra.csv, ranks.csv, summary.json, amplification.csv,
 similarity_*.csv and PNG plots. Bad input gives one ``error: PATH: ...`` line
@@ -140,11 +140,11 @@ def read_peft_factors(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.T
 
 
 def load_base_weights(base: str, modules: list[str]) -> dict[str, torch.Tensor]:
-    """W0 (out, in, fp32) of ``modules`` from the base model ``base`` (via peftlab.models.load_base)."""
+    """W0 (out, in, fp32) of ``modules`` from the base model ``base`` (via peftlab.models.loading.load_base)."""
     from peftlab.methods.base import base_weight
 
     try:
-        from peftlab.models import load_base
+        from peftlab.models.loading import load_base
     except ImportError as err:
         raise NotApplicable(f"amplification skipped: cannot load a base model ({err})") from err
     try:
@@ -189,9 +189,9 @@ def is_run(path: Path) -> bool:
 
 
 def run_source(path: Path) -> Source:
-    """A peftlab run rebuilt by ``peftlab.runs.load_run``; NotApplicable without a weight delta."""
+    """A peftlab run rebuilt by ``peftlab.reporting.runs.load_run``; NotApplicable without a weight delta."""
     try:
-        from peftlab.runs import load_run
+        from peftlab.reporting.runs import load_run
     except ImportError as err:
         raise InputError(f"cannot load peftlab runs ({err})") from err
     _check_finished(path)

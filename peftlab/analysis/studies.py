@@ -71,7 +71,7 @@ def plot_metric_vs_params(table, path: Path, title: str = ""):
 def report(sweeps: Sequence[Path], out: Path, title: str = "") -> dict:
     """Copy the runs, write the table (md, csv) and the plots; returns what was written."""
     from peftlab.analysis.plots import plot_learn_vs_forget
-    from peftlab.table import build_table
+    from peftlab.reporting.table import build_table
 
     out.mkdir(parents=True, exist_ok=True)
     table = build_table(sweeps)

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,22 +65,22 @@ from torch import nn
 
 from peftlab.errors import ConfigError
 from peftlab.methods.base import (
-    Method,
-    MethodConfig,
+    LayerConfig,
+    LayerMethod,
+    SavedForBackward,
     WeightDeltaLayer,
     check_float_range,
     check_int_range,
-    freeze,
+    check_positive,
+    check_rank_fits,
     linear_shape,
-    replace_module,
 )
-from peftlab.targets import resolve_targets
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class AdaLoRAConfig(MethodConfig):
+class AdaLoRAConfig(LayerConfig):    # + targets (default q, v) and layers (default: every block)
     name: str = "adalora"
     init_r: int = 12                 # starting rank of every adapted matrix (peft default)
     target_r: int = 8                # average rank per matrix at the end of the budget schedule
@@ -92,8 +92,6 @@ class AdaLoRAConfig(MethodConfig):
     beta1: float = 0.85              # EMA factor of the sensitivity
     beta2: float = 0.85              # EMA factor of the uncertainty
     orth_reg_weight: float = 0.5     # weight of the orthogonality regularizer (peft default)
-    targets: Any = field(default_factory=lambda: ["q", "v"])  # short names, groups, all-linear, re:<regex>
-    layers: Any = None               # None = all blocks, or [0, 1] / "0-3"
 
 
 class AdaLoRALayer(WeightDeltaLayer):
@@ -210,7 +208,7 @@ class RankAllocator:
         return scores
 
 
-class AdaLoRA(Method):
+class AdaLoRA(LayerMethod):
     """Adaptive budget allocation over SVD-form low-rank updates (Zhang et al. 2023)."""
 
     name = "adalora"
@@ -241,8 +239,7 @@ class AdaLoRA(Method):
         c = self.config
         check_int_range("method.init_r", c.init_r, 1)
         check_int_range("method.target_r", c.target_r, 1, c.init_r, " (at most init_r)")
-        if c.alpha <= 0:
-            raise ConfigError("method.alpha", f"got {c.alpha!r}; allowed: a number > 0")
+        check_positive("method.alpha", c.alpha)
         check_float_range("method.dropout", c.dropout, 0.0, 1.0, high_open=True)
         check_int_range("method.tinit", c.tinit, 0)
         check_int_range("method.tfinal", c.tfinal, 0)
@@ -252,16 +249,12 @@ class AdaLoRA(Method):
         check_float_range("method.orth_reg_weight", c.orth_reg_weight, 0.0, math.inf)
 
     # ---- adaptation -------------------------------------------------------- #
-    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
-        names = resolve_targets(model, self.config.targets, self.config.layers)
-        for name in names:
-            out_f, in_f = linear_shape(model.get_submodule(name))
-            check_int_range("method.init_r", self.config.init_r, 1, min(out_f, in_f), f" (min(d, k) of {name})")
-        freeze(model)
+    def plan_layer(self, name: str, module: nn.Module) -> int:
+        return check_rank_fits("method.init_r", self.config.init_r, name, module)
+
+    def make_layer(self, base: nn.Module, rank: int) -> AdaLoRALayer:
         c = self.config
-        for name in names:
-            replace_module(model, name, AdaLoRALayer(model.get_submodule(name), c.init_r, c.alpha, c.dropout))
-        return model
+        return AdaLoRALayer(base, rank, c.alpha, c.dropout)
 
     def expected_trainable(self, model: nn.Module) -> int:
         # P (out×r) + Λ (r) + Q (r×in) per matrix; the mask is a buffer, as peft's ranknum is frozen
@@ -271,6 +264,18 @@ class AdaLoRA(Method):
         """(initial, target) total number of triplets over all adapted matrices."""
         layers = self.layers(model)
         return sum(layer.r for layer in layers.values()), self.config.target_r * len(layers)
+
+    # ---- memory terms -------------------------------------------------------- #
+    def saved_for_backward(self, layer: AdaLoRALayer) -> SavedForBackward:
+        """As LoRA at the initial rank (masked triplets stay allocated): Q x, and x or its dropped copy."""
+        return SavedForBackward(dropout=self.config.dropout > 0, elements=layer.r)
+
+    def weight_copy_bytes(self, layer: AdaLoRALayer, compute_bytes: int) -> float:
+        """P, Λ and Q are fp32, cast to a 16-bit compute dtype on every use."""
+        return compute_bytes * layer.r * sum(layer.shape) if compute_bytes < 4 else 0.0
+
+    def training_state_bytes(self, adapter_parameters: int) -> tuple[float, str]:
+        return 2 * 4 * adapter_parameters, "adalora: + sensitivity and uncertainty EMAs, two fp32 copies of the adapter"
 
     # ---- trainer hooks ----------------------------------------------------- #
     def on_train_start(self, model: nn.Module, total_steps: int) -> None:

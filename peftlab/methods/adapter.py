@@ -10,7 +10,7 @@ Placement (``placement``):
   pfeiffer  after the FFN only (Pfeiffer et al. 2020, arXiv:2005.00247)
 
 The adapter wraps the sublayer's output projection (target ``o`` and ``down`` of
-:mod:`peftlab.targets`: llama ``self_attn.o_proj`` / ``mlp.down_proj``; BERT
+:mod:`peftlab.models.targets`: llama ``self_attn.o_proj`` / ``mlp.down_proj``; BERT
 ``attention.output.dense`` / ``output.dense``; GPT-2 ``attn.c_proj`` / ``mlp.c_proj``),
 so it acts on the sublayer output before the block adds the skip connection
 (and, in BERT, before the sublayer's dropout and residual LayerNorm) — Houlsby's
@@ -33,15 +33,14 @@ from torch import nn
 
 from peftlab.errors import ConfigError
 from peftlab.methods.base import (
-    Method,
+    LayerMethod,
     MethodConfig,
+    SavedForBackward,
     check_float_range,
     check_int_range,
-    freeze,
     linear_shape,
-    replace_module,
 )
-from peftlab.targets import resolve_targets
+from peftlab.models.targets import resolve_targets
 
 PLACEMENTS = {"houlsby": ["o", "down"], "pfeiffer": ["down"]}
 NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -95,7 +94,7 @@ class BottleneckAdapterLayer(nn.Module):
         return f"dim={self.up.out_features}, bottleneck={self.bottleneck}"
 
 
-class BottleneckAdapter(Method):
+class BottleneckAdapter(LayerMethod):
     """Houlsby / Pfeiffer bottleneck adapters; see the module docstring."""
 
     name = "adapter"
@@ -127,30 +126,29 @@ class BottleneckAdapter(Method):
         c = self.config
         return c.bottleneck if c.bottleneck is not None else int(dim // c.reduction_factor)
 
-    def plan(self, model: nn.Module) -> dict[str, int]:
-        """Wrapped module name -> bottleneck width; checks each width fits."""
-        plan = {}
-        for name in resolve_targets(model, PLACEMENTS[self.config.placement], self.config.layers):
-            dim, _ = linear_shape(model.get_submodule(name))
-            width = self.width(dim)
-            if not 1 <= width <= dim:
-                key = "method.bottleneck" if self.config.bottleneck is not None else "method.reduction_factor"
-                raise ConfigError(key, f"gives bottleneck {width} for {name} (d={dim}); "
-                                  "allowed: 1 <= bottleneck <= d")
-            plan[name] = width
-        return plan
+    def target_names(self, model: nn.Module) -> list[str]:
+        """The sublayers' output projections the placement names (no ``targets`` of its own)."""
+        return resolve_targets(model, PLACEMENTS[self.config.placement], self.config.layers)
 
-    def check(self, model: nn.Module, arch: Any = None) -> None:
-        self.plan(model)
+    def plan_layer(self, name: str, module: nn.Module) -> int:
+        """The bottleneck width for this sublayer; it must fit."""
+        dim, _ = linear_shape(module)
+        width = self.width(dim)
+        if not 1 <= width <= dim:
+            key = "method.bottleneck" if self.config.bottleneck is not None else "method.reduction_factor"
+            raise ConfigError(key, f"gives bottleneck {width} for {name} (d={dim}); "
+                              "allowed: 1 <= bottleneck <= d")
+        return width
 
-    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
-        c = self.config
-        plan = self.plan(model)
-        freeze(model)
-        for name, width in plan.items():
-            layer = BottleneckAdapterLayer(model.get_submodule(name), width, c.nonlinearity, c.init_std)
-            replace_module(model, name, layer)
-        return model
+    def make_layer(self, base: nn.Module, width: int) -> BottleneckAdapterLayer:
+        return BottleneckAdapterLayer(base, width, self.config.nonlinearity, self.config.init_std)
+
+    def saved_for_backward(self, layer: BottleneckAdapterLayer) -> SavedForBackward:
+        """The sublayer's output h (its input), and the bottleneck's activation, plus its
+        pre-activation unless ReLU / tanh (whose gradient reads the output)."""
+        dim, m = layer.up.out_features, layer.bottleneck
+        keeps_pre_activation = self.config.nonlinearity not in ("relu", "tanh")
+        return SavedForBackward(reads_input=False, elements=dim + m * (2 if keeps_pre_activation else 1))
 
     def expected_trainable(self, model: nn.Module) -> int:
         total = 0

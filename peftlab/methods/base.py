@@ -12,6 +12,11 @@ talks to it only through these hooks::
     method.state_dict(model) / load_state_dict(model, sd)   the adapter file
     method.train_state(model) / load_train_state(model, st) training state beyond parameters (checkpoints)
 
+Methods that adapt target layers subclass :class:`LayerMethod`: one ``plan()`` resolves the
+targets and runs every check that needs the model, and both ``check()`` and ``apply()`` use it.
+Memory terms the estimate needs (what a layer keeps for backward, extra state, virtual tokens)
+are hooks here too, with defaults that fit a weight-space method (peftlab/memory/estimate.py).
+
 Weight-space methods wrap each target layer in a :class:`WeightDeltaLayer`:
 the original module stays reachable as ``layer.base``, ``delta_weight()``
 returns W - W0 in fp32 without touching the layer, and ``merge()`` /
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import ConfigError
+from peftlab.models.targets import is_conv1d, is_linear_like, linear_shape, resolve_targets
 
 
 @dataclass
@@ -37,26 +43,34 @@ class MethodConfig:
     name: str = "?"
 
 
+@dataclass
+class LayerConfig(MethodConfig):
+    """Fields of every method that wraps target layers (:class:`LayerMethod`)."""
+
+    targets: Any = field(default_factory=lambda: ["q", "v"])  # short names, groups, all-linear, re:<regex>
+    layers: Any = None               # None = all blocks, or [0, 1] / "0-3"
+
+
+@dataclass(frozen=True)
+class SavedForBackward:
+    """What one adapted layer keeps for its backward, per token, beyond what the frozen base keeps.
+
+    reads_input  it needs the layer's input x (for its weight gradient): one copy per input, shared
+                 by every layer reading it, or (under autocast) its own cast of x
+    casts_input  under autocast it casts x for itself (False: it uses x elementwise, as IA³'s input scale)
+    dropout      it keeps its own dropped copy of x and the dropout mask (instead of sharing x)
+    elements     its own intermediates (A x, B A x, ...), elements per token in the compute dtype
+    """
+
+    reads_input: bool = True
+    casts_input: bool = True
+    dropout: bool = False
+    elements: float = 0.0
+
+
 # --------------------------------------------------------------------------- #
-# Layer helpers: Linear and GPT-2 Conv1D look the same from here on.
+# Layer helpers (the layer kinds themselves live in peftlab/models/targets.py)
 # --------------------------------------------------------------------------- #
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's ``Conv1D``: a linear layer whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear, bitsandbytes' Linear4bit/Linear8bitLt (subclasses of it) or Conv1D."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a linear-like module, whatever its storage."""
-    if is_conv1d(module):
-        return module.nf, module.weight.shape[0]
-    return module.out_features, module.in_features
-
-
 def base_weight(module: nn.Module) -> torch.Tensor:
     """W0 as an fp32 (out, in) tensor; dequantizes 4-/8-bit bitsandbytes weights."""
     weight = module.weight
@@ -187,7 +201,7 @@ class Method:
       layer_class       the wrapper type it injects (None when it injects none)
       identity_at_init  whether the adapted model equals the base before training
       size_key          the config field that sets its size for budget matching (``r``,
-                        ``num_virtual_tokens``, ...); None for a fixed size (peftlab/budget.py)
+                        ``num_virtual_tokens``, ...); None for a fixed size (peftlab/training/budget.py)
     """
 
     name: ClassVar[str] = "?"
@@ -197,6 +211,11 @@ class Method:
     layer_class: ClassVar[type | None] = None
     identity_at_init: ClassVar[bool] = True  # False for prompt/prefix tuning: virtual tokens change outputs
     size_key: ClassVar[str | None] = None    # config field budget matching sets; None = a fixed size
+    trains_base_weights: ClassVar[bool] = False
+    gradient_reaches_every_block: ClassVar[bool] = False
+    gradient_reaches_embeddings: ClassVar[bool] = False
+    lengthens_sequence: ClassVar[bool] = False
+    memory_approximate: ClassVar[bool] = True
 
     def __init__(self, config: Any):
         self.config = config
@@ -233,7 +252,7 @@ class Method:
         """Closed-form count of trainable parameters (checked against the real count)."""
         raise NotImplementedError
 
-    # ---- size (budget matching, peftlab/budget.py) ------------------------- #
+    # ---- size (budget matching, peftlab/training/budget.py) ------------------------- #
     def size_fields(self, value: int) -> dict[str, Any]:
         """Config fields that give this method size ``value``; a method whose size has two
         coupled fields (adapter width vs reduction factor, AdaLoRA's init_r and target_r) extends it."""
@@ -255,6 +274,35 @@ class Method:
         with torch.random.fork_rng(devices=[]):
             fresh.apply(skeleton, arch)
         return count(fresh.trainable_parameters(skeleton))
+
+    # ---- memory terms (peftlab/memory/estimate.py asks; bytes) --------------- #
+    def virtual_tokens(self) -> int:
+        """Positions the method adds in front of every sequence's keys (prefix and prompt tuning)."""
+        return 0
+
+    def base_quantization(self) -> tuple[str, bool] | None:
+        """(nf4 | fp4 | int8, double quantization) when the method runs over a quantized base."""
+        return None
+
+    def saved_for_backward(self, layer: nn.Module) -> SavedForBackward:
+        """What one of its layers keeps for backward: by default its input, and for a low-rank layer
+        the rank-r intermediate A x."""
+        factors = layer.factors() if isinstance(layer, WeightDeltaLayer) else None
+        return SavedForBackward(elements=factors[1].shape[0] if factors is not None else 0)
+
+    def weight_copy_bytes(self, layer: nn.Module, compute_bytes: int) -> float:
+        """Bytes independent of tokens that one of its layers keeps for backward (casts of its
+        fp32 parameters to a 16-bit compute dtype, a dense ΔW it builds)."""
+        return 0.0
+
+    def fixed_activation_bytes(self, shape: Any, batch: int, compute_bytes: int) -> float:
+        """Activation bytes outside the adapted layers that do not grow with the sequence
+        (``shape`` is a peftlab.memory.shapes.ModelShape)."""
+        return 0.0
+
+    def training_state_bytes(self, adapter_parameters: int) -> tuple[float, str | None]:
+        """State beyond AdamW's that training keeps per adapter parameter, and a note for the estimate."""
+        return 0.0, None
 
     # ---- trainer hooks ----------------------------------------------------- #
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
@@ -320,6 +368,65 @@ class Method:
                 p.copy_(state[n].to(p.dtype))
 
 
+class LayerMethod(Method):
+    """A method that wraps target layers of the model in its ``layer_class`` (LoRA and its kin,
+    VeRA, IA³, LoHa, LoKr, bottleneck adapters).
+
+    ``plan(model)`` resolves ``config.targets`` / ``config.layers`` to module names and runs every
+    check that needs the model (a rank that fits, a factor that divides), returning module name ->
+    what ``make_layer`` needs. ``check()`` is ``plan()``, and ``apply()`` plans before it changes
+    anything, so whatever ``apply`` would refuse, ``check`` refuses first, before the trainer
+    evaluates the base. A subclass writes ``plan_layer`` and ``make_layer`` (and ``prepare`` for
+    work on the frozen model before wrapping).
+    """
+
+    def target_names(self, model: nn.Module) -> list[str]:
+        return resolve_targets(model, self.config.targets, self.config.layers)
+
+    def plan(self, model: nn.Module) -> dict[str, Any]:
+        return {name: self.plan_layer(name, model.get_submodule(name)) for name in self.target_names(model)}
+
+    def plan_layer(self, name: str, module: nn.Module) -> Any:
+        """What ``make_layer`` needs for this module (a rank, a flag); raise ConfigError if it cannot fit."""
+        return None
+
+    def check(self, model: nn.Module, arch: Any = None) -> None:
+        self.plan(model)
+
+    def prepare(self, model: nn.Module, plan: dict[str, Any]) -> None:
+        """Work on the frozen model before its layers are wrapped (shared projections, quantization)."""
+
+    def make_layer(self, base: nn.Module, spec: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
+        plan = self.plan(model)  # every check runs before the model changes
+        freeze(model)
+        self.prepare(model, plan)
+        for name, spec in plan.items():
+            layer = self.make_layer(model.get_submodule(name), spec)
+            layer.train(model.training)  # a new Dropout must follow the model's mode, not default to train
+            replace_module(model, name, layer)
+        return model
+
+
+def check_rank_fits(key: str, rank: int, name: str, module: nn.Module) -> int:
+    """A rank r of a low-rank update must be at most min(out, in) of the layer it adapts."""
+    out_features, in_features = linear_shape(module)
+    check_int_range(key, rank, 1, min(out_features, in_features), f" (min(d, k) of {name})")
+    return rank
+
+
+def check_positive(key: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(key, f"got {value!r}; allowed: a number > 0")
+
+
+def is_meta(model: nn.Module) -> bool:
+    """A shapes-only model (the estimate's and budget matching's dry runs): no values to read or set."""
+    return any(p.is_meta for p in model.parameters())
+
+
 def check_int_range(key: str, value: int, low: int, high: int | float = math.inf, why: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not (low <= value <= high):
         allowed = f"an integer >= {low}" if high == math.inf else f"an integer in [{low}, {int(high)}]"
@@ -362,17 +469,23 @@ def count(params: dict[str, nn.Parameter] | list) -> int:
 
 __all__ = [
     "ConfigError",
+    "LayerConfig",
+    "LayerMethod",
     "Method",
     "MethodConfig",
+    "SavedForBackward",
     "WeightDeltaLayer",
     "base_weight",
     "check_float_range",
     "check_int_range",
+    "check_positive",
+    "check_rank_fits",
     "count",
     "field",
     "freeze",
     "is_conv1d",
     "is_linear_like",
+    "is_meta",
     "linear_shape",
     "meta_copy",
     "replace_module",

@@ -35,6 +35,9 @@ class BitFit(Method):
     name = "bitfit"
     config_class = BitFitConfig
     has_weight_delta = False  # it moves biases, not weight matrices: no ΔW spectrum
+    gradient_reaches_every_block = True  # biases in every block and in the embeddings' LayerNorm
+    gradient_reaches_embeddings = True
+    memory_approximate = False
 
     def check(self, model: nn.Module, arch: Any = None) -> None:
         self._head = set(getattr(arch, "head_parameters", ()) or ())

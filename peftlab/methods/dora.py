@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.methods.base import base_weight, is_conv1d
+from peftlab.methods.base import SavedForBackward, base_weight, is_conv1d
 from peftlab.methods.lora import LoRA, LoRAConfig, LoRALayer
 
 
@@ -129,6 +129,7 @@ class DoRA(LoRA):
     name = "dora"
     config_class = DoRAConfig
     layer_class = DoRALayer
+    memory_approximate = True  # its extra saved tensor follows this file's forward, not a published count
 
     def make_layer(self, base: nn.Module, rank: int) -> DoRALayer:
         c = self.config
@@ -137,6 +138,11 @@ class DoRA(LoRA):
     def expected_trainable(self, model: nn.Module) -> int:
         # A (r×in) + B (out×r) + m (out) per layer
         return sum(layer.r * sum(layer.shape) + layer.shape[0] for layer in self.layers(model).values())
+
+    def saved_for_backward(self, layer: DoRALayer) -> SavedForBackward:
+        """LoRA's, plus W0 x + s B A x (out per token) for the magnitude's gradient."""
+        lora = super().saved_for_backward(layer)
+        return SavedForBackward(dropout=lora.dropout, elements=lora.elements + layer.shape[0])
 
     def summary(self, model: nn.Module) -> dict:
         return {**super().summary(model), "detach_norm": self.config.detach_norm}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from peftlab.methods.base import Method, MethodConfig
-from peftlab.targets import block_modules
+from peftlab.models.targets import block_modules
 
 
 @dataclass
@@ -23,6 +23,8 @@ class Full(Method):
     name = "full"
     config_class = FullConfig
     has_weight_delta = True
+    trains_base_weights = True   # every weight trains in its own dtype; every linear keeps its input
+    memory_approximate = False
     needs_reference = True
     reference: nn.Module | None = None
 

@@ -14,7 +14,7 @@ default targets are k, v and down with down on the input side
 The bias of an output-side layer is not rescaled (the paper's models, T5 and
 Llama-style ones, have none; peft rescales it too), so ΔW above is the whole
 update on every model and merging folds it into the weight alone. On GPT-2 the
-k and v targets select the fused q,k,v projection (see :mod:`peftlab.targets`),
+k and v targets select the fused q,k,v projection (see :mod:`peftlab.models.targets`),
 so l then rescales the queries as well.
 """
 from __future__ import annotations
@@ -27,24 +27,22 @@ from torch import nn
 
 from peftlab.errors import ConfigError
 from peftlab.methods.base import (
-    Method,
-    MethodConfig,
+    LayerConfig,
+    LayerMethod,
+    SavedForBackward,
     WeightDeltaLayer,
     base_weight,
-    freeze,
     is_conv1d,
     linear_shape,
-    replace_module,
 )
-from peftlab.targets import resolve_targets
+from peftlab.models.targets import resolve_targets
 
 
 @dataclass
-class IA3Config(MethodConfig):
+class IA3Config(LayerConfig):      # + layers (default: every block)
     name: str = "ia3"
     targets: Any = field(default_factory=lambda: ["k", "v", "down"])  # paper: keys, values, FFN
     feedforward: Any = field(default_factory=lambda: ["down"])        # targets rescaled on the input side
-    layers: Any = None                                                # None = all blocks, or [0, 1] / "0-3"
 
 
 class IA3Layer(WeightDeltaLayer):
@@ -90,13 +88,14 @@ class IA3Layer(WeightDeltaLayer):
         return f"{super().extra_repr()}, side={'input' if self.feedforward else 'output'}"
 
 
-class IA3(Method):
+class IA3(LayerMethod):
     """Rescale keys, values (output side) and the FFN input (input side) by learned vectors."""
 
     name = "ia3"
     config_class = IA3Config
     mergeable = True
     layer_class = IA3Layer
+    memory_approximate = False  # its saved tensors were checked against profiler peaks (tests/test_estimate.py)
 
     def validate_config(self) -> None:
         c = self.config
@@ -110,19 +109,22 @@ class IA3(Method):
     def plan(self, model: nn.Module) -> dict[str, bool]:
         """Target module name -> whether it is rescaled on the input side (feedforward)."""
         c = self.config
-        targets = resolve_targets(model, c.targets, c.layers)
+        targets = self.target_names(model)
         try:
             feedforward = set(resolve_targets(model, c.feedforward, c.layers)) if c.feedforward else set()
         except ConfigError as err:
             raise ConfigError("method.feedforward", err.message) from None
         return {name: name in feedforward for name in targets}
 
-    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
-        plan = self.plan(model)
-        freeze(model)
-        for name, feedforward in plan.items():
-            replace_module(model, name, IA3Layer(model.get_submodule(name), feedforward))
-        return model
+    def make_layer(self, base: nn.Module, feedforward: bool) -> IA3Layer:
+        return IA3Layer(base, feedforward)
+
+    def saved_for_backward(self, layer: IA3Layer) -> SavedForBackward:
+        """Input side: the input x, scaled elementwise (no cast of its own under autocast); output
+        side: W0 x (out per token) for the scale's gradient, and not x."""
+        if layer.feedforward:
+            return SavedForBackward(casts_input=False)
+        return SavedForBackward(reads_input=False, elements=layer.shape[0])
 
     def expected_trainable(self, model: nn.Module) -> int:
         # one entry per input feature (feedforward) or per output feature

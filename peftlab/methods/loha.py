@@ -25,33 +25,28 @@ implemented.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.errors import ConfigError
 from peftlab.methods.base import (
-    Method,
-    MethodConfig,
+    LayerConfig,
+    LayerMethod,
+    SavedForBackward,
     WeightDeltaLayer,
     check_int_range,
-    freeze,
+    check_positive,
     linear_shape,
-    replace_module,
 )
-from peftlab.targets import resolve_targets
 
 
 @dataclass
-class LoHaConfig(MethodConfig):
+class LoHaConfig(LayerConfig):       # + targets (default q, v) and layers (default: every block)
     name: str = "loha"
     r: int = 8                       # rank of each of the two factors (ΔW reaches rank r²)
     alpha: float = 8.0               # scale s = alpha / r (peft default)
-    targets: Any = field(default_factory=lambda: ["q", "v"])  # short names, groups, all-linear, re:<regex>
-    layers: Any = None               # None = all blocks, or [0, 1] / "0-3"
 
 
 class LoHaLayer(WeightDeltaLayer):
@@ -109,7 +104,7 @@ class LoHaLayer(WeightDeltaLayer):
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, forward={form}"
 
 
-class LoHa(Method):
+class LoHa(LayerMethod):
     """Low-rank Hadamard product updates of the target linear layers (FedPara / LyCORIS)."""
 
     name = "loha"
@@ -121,15 +116,19 @@ class LoHa(Method):
     def validate_config(self) -> None:
         c = self.config
         check_int_range("method.r", c.r, 1)
-        if c.alpha <= 0:
-            raise ConfigError("method.alpha", f"got {c.alpha!r}; allowed: a number > 0")
+        check_positive("method.alpha", c.alpha)
 
-    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
-        names = resolve_targets(model, self.config.targets, self.config.layers)
-        freeze(model)
-        for name in names:
-            replace_module(model, name, LoHaLayer(model.get_submodule(name), self.config.r, self.config.alpha))
-        return model
+    def make_layer(self, base: nn.Module, spec: None) -> LoHaLayer:
+        return LoHaLayer(base, self.config.r, self.config.alpha)
+
+    def saved_for_backward(self, layer: LoHaLayer) -> SavedForBackward:
+        """The input x; in the Khatri-Rao form also V x, the rank-r² intermediate."""
+        return SavedForBackward(elements=layer.r * layer.r if layer.khatri_rao else 0)
+
+    def weight_copy_bytes(self, layer: LoHaLayer, compute_bytes: int) -> float:
+        """The dense form keeps W1a W1b, W2a W2b and ΔW, each (out, in)."""
+        out_features, in_features = layer.shape
+        return 0.0 if layer.khatri_rao else 3 * compute_bytes * out_features * in_features
 
     def expected_trainable(self, model: nn.Module) -> int:
         return sum(2 * layer.r * sum(layer.shape) for layer in self.layers(model).values())

@@ -25,34 +25,30 @@ implemented.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from peftlab.errors import ConfigError
 from peftlab.methods.base import (
-    Method,
-    MethodConfig,
+    LayerConfig,
+    LayerMethod,
+    SavedForBackward,
     WeightDeltaLayer,
     check_int_range,
-    freeze,
+    check_positive,
     linear_shape,
-    replace_module,
 )
-from peftlab.targets import resolve_targets
 
 
 @dataclass
-class LoKrConfig(MethodConfig):
+class LoKrConfig(LayerConfig):       # + targets (default q, v) and layers (default: every block)
     name: str = "lokr"
     r: int = 8                       # rank of the low-rank Kronecker factor(s)
     alpha: float = 8.0               # scale s = alpha / r (peft default)
     decompose_both: bool = False     # also store W1 as a rank-r product when it is large enough
     decompose_factor: int = -1       # split d = (f, d/f); -1 = the two factors closest to sqrt(d)
-    targets: Any = field(default_factory=lambda: ["q", "v"])  # short names, groups, all-linear, re:<regex>
-    layers: Any = None               # None = all blocks, or [0, 1] / "0-3"
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -146,7 +142,7 @@ class LoKrLayer(WeightDeltaLayer):
                 f"w2=({self.out_k}, {self.in_n}), scaling={self.scaling:g}")
 
 
-class LoKr(Method):
+class LoKr(LayerMethod):
     """Low-rank Kronecker product updates of the target linear layers (LyCORIS)."""
 
     name = "lokr"
@@ -158,20 +154,21 @@ class LoKr(Method):
     def validate_config(self) -> None:
         c = self.config
         check_int_range("method.r", c.r, 1)
-        if c.alpha <= 0:
-            raise ConfigError("method.alpha", f"got {c.alpha!r}; allowed: a number > 0")
+        check_positive("method.alpha", c.alpha)
         if not isinstance(c.decompose_factor, int) or isinstance(c.decompose_factor, bool) or (
             c.decompose_factor != -1 and c.decompose_factor < 1
         ):
             raise ConfigError("method.decompose_factor",
                               f"got {c.decompose_factor!r}; allowed: -1 (automatic) or an integer >= 1")
 
-    def check_factor(self, model: nn.Module, names: list[str]) -> None:
-        """A decompose_factor must divide every adapted dimension (peft silently picks another split)."""
+    def plan(self, model: nn.Module) -> dict[str, None]:
+        """Target module names; a decompose_factor must divide every adapted dimension (peft silently
+        picks another split)."""
+        plan = super().plan(model)
         factor = self.config.decompose_factor
         if factor == -1:
-            return
-        dims = {name: linear_shape(model.get_submodule(name)) for name in names}
+            return plan
+        dims = {name: linear_shape(model.get_submodule(name)) for name in plan}
         for name, (out_f, in_f) in dims.items():
             if out_f % factor or in_f % factor:
                 common = math.gcd(*(d for shape in dims.values() for d in shape))
@@ -180,16 +177,15 @@ class LoKr(Method):
                     f"got {factor}, which does not divide {name} (out={out_f}, in={in_f}); "
                     f"allowed: -1 or a divisor of every adapted dimension: {_divisors(common)}",
                 )
+        return plan
 
-    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
+    def make_layer(self, base: nn.Module, spec: None) -> LoKrLayer:
         c = self.config
-        names = resolve_targets(model, c.targets, c.layers)
-        self.check_factor(model, names)
-        freeze(model)
-        for name in names:
-            layer = LoKrLayer(model.get_submodule(name), c.r, c.alpha, c.decompose_both, c.decompose_factor)
-            replace_module(model, name, layer)
-        return model
+        return LoKrLayer(base, c.r, c.alpha, c.decompose_both, c.decompose_factor)
+
+    def saved_for_backward(self, layer: LoKrLayer) -> SavedForBackward:
+        """The input x and W1 X (out_l × in_n per token), the grid between the two Kronecker factors."""
+        return SavedForBackward(elements=layer.out_l * layer.in_n)
 
     def expected_trainable(self, model: nn.Module) -> int:
         return sum(layer.expected_count() for layer in self.layers(model).values())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,30 +23,29 @@ from torch import nn
 
 from peftlab.errors import ConfigError
 from peftlab.methods.base import (
-    Method,
-    MethodConfig,
+    LayerConfig,
+    LayerMethod,
+    SavedForBackward,
     WeightDeltaLayer,
     check_float_range,
     check_int_range,
-    freeze,
+    check_positive,
+    check_rank_fits,
     linear_shape,
-    replace_module,
 )
-from peftlab.targets import family_of, resolve_targets, target_key
+from peftlab.models.targets import family_of, target_key
 
 INITS = ("kaiming", "gaussian")
 
 
 @dataclass
-class LoRAConfig(MethodConfig):
+class LoRAConfig(LayerConfig):       # + targets (default q, v) and layers (default: every block)
     name: str = "lora"
     r: int = 8                       # rank of ΔW = BA
     alpha: float = 16.0              # scale s = alpha / r (usually 2*r)
     dropout: float = 0.0             # dropout on the LoRA branch input
     rslora: bool = False             # s = alpha / sqrt(r) instead
     init: str = "kaiming"            # A's init: kaiming | gaussian; B = 0
-    targets: Any = field(default_factory=lambda: ["q", "v"])  # short names, groups, all-linear, re:<regex>
-    layers: Any = None               # None = all blocks, or [0, 1] / "0-3"
     rank_pattern: dict = field(default_factory=dict)  # per-target rank override: {v: 16, "re:.*layers\.0\..*": 4}
 
 
@@ -106,7 +104,7 @@ class LoRALayer(WeightDeltaLayer):
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"
 
 
-class LoRA(Method):
+class LoRA(LayerMethod):
     """Low-rank adaptation of the target linear layers (Hu et al. 2021)."""
 
     name = "lora"
@@ -114,12 +112,12 @@ class LoRA(Method):
     mergeable = True
     layer_class = LoRALayer
     size_key = "r"  # budget matching sets r; rank_pattern overrides stay as given
+    memory_approximate = False  # its saved tensors were checked against profiler peaks (tests/test_estimate.py)
 
     def validate_config(self) -> None:
         c = self.config
         check_int_range("method.r", c.r, 1)
-        if c.alpha <= 0:
-            raise ConfigError("method.alpha", f"got {c.alpha!r}; allowed: a number > 0")
+        check_positive("method.alpha", c.alpha)
         check_float_range("method.dropout", c.dropout, 0.0, 1.0, high_open=True)
         if c.init not in INITS:
             raise ConfigError("method.init", f"got {c.init!r}; allowed: {', '.join(INITS)}")
@@ -137,32 +135,27 @@ class LoRA(Method):
         """Target module name -> rank; checks every rank fits its layer."""
         family = family_of(model)
         plan = {}
-        for name in resolve_targets(model, self.config.targets, self.config.layers):
+        for name in self.target_names(model):
             rank = self.rank_for(family, name)
-            out_f, in_f = linear_shape(model.get_submodule(name))
             key = "method.r" if rank == self.config.r else "method.rank_pattern"
-            check_int_range(key, rank, 1, min(out_f, in_f), f" (min(d, k) of {name})")
-            plan[name] = rank
+            plan[name] = check_rank_fits(key, rank, name, model.get_submodule(name))
         return plan
-
-    def check(self, model: nn.Module, arch: Any = None) -> None:
-        self.plan(model)
 
     def make_layer(self, base: nn.Module, rank: int) -> LoRALayer:
         c = self.config
         return LoRALayer(base, rank, c.alpha, c.dropout, c.rslora, c.init)
 
-    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
-        plan = self.plan(model)
-        freeze(model)
-        for name, rank in plan.items():
-            layer = self.make_layer(model.get_submodule(name), rank)
-            layer.train(model.training)  # a new Dropout must follow the model's mode, not default to train
-            replace_module(model, name, layer)
-        return model
-
     def expected_trainable(self, model: nn.Module) -> int:
         return sum(layer.r * sum(layer.shape) for layer in self.layers(model).values())
+
+    # ---- memory terms -------------------------------------------------------- #
+    def saved_for_backward(self, layer: LoRALayer) -> SavedForBackward:
+        """A x (r per token) for B's gradient; with dropout its own dropped x and mask, else the shared x."""
+        return SavedForBackward(dropout=self.config.dropout > 0, elements=layer.r)
+
+    def weight_copy_bytes(self, layer: LoRALayer, compute_bytes: int) -> float:
+        """A and B are fp32, cast to a 16-bit compute dtype on every use (the casts are kept for backward)."""
+        return compute_bytes * layer.r * sum(layer.shape) if compute_bytes < 4 else 0.0
 
     def summary(self, model: nn.Module) -> dict:
         layers = self.layers(model)
@@ -171,4 +164,3 @@ class LoRA(Method):
             "ranks": {n: layer.r for n, layer in sorted(layers.items())},
             "scaling": next(iter(layers.values())).scaling if layers else None,
         }
-

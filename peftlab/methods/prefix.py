@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from peftlab.methods.base import Method, MethodConfig, check_int_range, freeze
-from peftlab.methods.prompt import call_kwargs, check_positions, check_servable, prepend_mask
+from peftlab.methods.prompt import check_positions, check_servable, prepend_mask
+from peftlab.models.signature import call_kwargs
 
 
 @dataclass
@@ -131,6 +132,7 @@ class PrefixTuning(Method):
     layer_class = PrefixEncoder
     identity_at_init = False  # the prefix changes the outputs from the first step
     size_key = "num_virtual_tokens"
+    gradient_reaches_every_block = True  # every block's attention reads the trained keys and values
 
     def validate_config(self) -> None:
         c = self.config
@@ -151,6 +153,14 @@ class PrefixTuning(Method):
         model.prefix_encoder = encoder.to(model.get_input_embeddings().weight.device)
         model.register_forward_pre_hook(model.prefix_encoder.pre_forward, with_kwargs=True)
         return model
+
+    def virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
+
+    def fixed_activation_bytes(self, shape: Any, batch: int, compute_bytes: int) -> float:
+        """The virtual keys and values, expanded over the batch, in every block."""
+        n = self.config.num_virtual_tokens
+        return shape.layers * batch * 2 * n * shape.kv_heads * shape.head_dim * compute_bytes
 
     def encoder(self, model: nn.Module) -> PrefixEncoder:
         return model.prefix_encoder

@@ -26,7 +26,6 @@ shared with :mod:`peftlab.methods.prefix`.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -35,8 +34,9 @@ import torch
 from torch import nn
 
 from peftlab.errors import ConfigError
-from peftlab.methods.base import Method, MethodConfig, check_int_range, freeze
-from peftlab.targets import family_of
+from peftlab.models.signature import call_kwargs
+from peftlab.methods.base import Method, MethodConfig, check_int_range, freeze, is_meta
+from peftlab.models.targets import family_of
 
 INITS = ("vocab", "text", "random")
 SERVED_FAMILIES = ("llama", "bert", "gpt2")
@@ -82,15 +82,6 @@ def check_positions(model: nn.Module, num_virtual: int, length: int | None) -> N
             f"max_position_embeddings={limit}; allowed: num_virtual_tokens + max length <= {limit} "
             f"(and num_virtual_tokens < {limit})",
         )
-
-
-def call_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """A forward call's positional arguments as keywords (input_ids, attention_mask, ...)."""
-    if not args:
-        return dict(kwargs)
-    names = [n for n, p in inspect.signature(model.forward).parameters.items()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return {**dict(zip(names, args)), **kwargs}
 
 
 def prepend_mask(mask: torch.Tensor | None, num_virtual: int) -> torch.Tensor | None:
@@ -190,6 +181,9 @@ class PromptTuning(Method):
     layer_class = SoftPrompt
     identity_at_init = False  # the prompt changes the outputs from the first step
     size_key = "num_virtual_tokens"
+    gradient_reaches_every_block = True  # the virtual tokens enter at the input
+    gradient_reaches_embeddings = True
+    lengthens_sequence = True            # n more positions in every block
 
     def validate_config(self) -> None:
         c = self.config
@@ -216,22 +210,27 @@ class PromptTuning(Method):
     def check(self, model: nn.Module, arch: Any = None) -> None:
         check_servable(model, arch, "prompt")
         check_positions(model, self.config.num_virtual_tokens, getattr(arch, "max_length", None))
-        if self.config.init == "text":
+        if self.config.init == "text" and not is_meta(model):  # a shapes-only dry run initialises nothing
             run_tokenizer(arch)
+
+    def virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
 
     def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
         self.check(model, arch)
         family = family_of(model)
         word_embeddings = model.get_input_embeddings()
-        ids = self.init_token_ids(arch, word_embeddings.num_embeddings)
         decoder_classifier = family != "bert" and type(model).__name__.endswith("ForSequenceClassification")
+        values = not is_meta(model)  # a shapes-only dry run (estimate, budget) has no embeddings to copy
+        ids = self.init_token_ids(arch, word_embeddings.num_embeddings) if values else None
         freeze(model)
         prompt = SoftPrompt(self.config.num_virtual_tokens, word_embeddings.embedding_dim, decoder_classifier)
-        with torch.no_grad():
-            if ids is None:
-                prompt.embedding.uniform_(-0.5, 0.5)
-            else:
-                prompt.embedding.copy_(word_embeddings(ids.to(word_embeddings.weight.device)).float())
+        if values:
+            with torch.no_grad():
+                if ids is None:
+                    prompt.embedding.uniform_(-0.5, 0.5)
+                else:
+                    prompt.embedding.copy_(word_embeddings(ids.to(word_embeddings.weight.device)).float())
         model.soft_prompt = prompt.to(word_embeddings.weight.device)
         model.register_forward_pre_hook(model.soft_prompt.pre_forward, with_kwargs=True)
         model.register_forward_hook(model.soft_prompt.post_forward, with_kwargs=True)
@@ -239,11 +238,6 @@ class PromptTuning(Method):
 
     def expected_trainable(self, model: nn.Module) -> int:
         return self.config.num_virtual_tokens * model.get_input_embeddings().embedding_dim
-
-    def planned_trainable(self, model: nn.Module, arch: Any = None) -> int:
-        """n × d, after the checks apply runs (a meta-device dry run cannot copy vocabulary embeddings)."""
-        self.check(model, arch)
-        return self.expected_trainable(model)
 
     def summary(self, model: nn.Module) -> dict:
         return {"modules": sorted(self.layers(model)), "num_virtual_tokens": self.config.num_virtual_tokens,

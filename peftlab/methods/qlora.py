@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from peftlab.errors import ConfigError
-from peftlab.methods.base import base_weight, freeze, is_conv1d, linear_shape, replace_module
+from peftlab.methods.base import base_weight, freeze, is_conv1d, is_meta, linear_shape, replace_module
 from peftlab.methods.lora import LoRA, LoRAConfig, LoRALayer
-from peftlab.targets import block_modules
+from peftlab.models.targets import block_modules
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_TYPES = ("nf4", "fp4")
@@ -147,16 +147,18 @@ class QLoRA(LoRA):
             raise ConfigError("method.compute_dtype", f"got {c.compute_dtype!r}; allowed: {allowed}")
         require_bitsandbytes()
 
-    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
-        c = self.config
-        plan = self.plan(model)  # every check runs before the model changes
+    def plan(self, model: nn.Module) -> dict[str, int]:
+        plan = super().plan(model)
         self.check_quantizable(model)
-        quantize(model, c.bits, c.quant_type, c.double_quant, COMPUTE_DTYPES[c.compute_dtype])
-        freeze(model)
-        for name, rank in plan.items():
-            layer = self.make_layer(model.get_submodule(name), rank)
-            replace_module(model, name, layer.train(model.training))  # new dropout follows the model's mode
-        return model
+        return plan
+
+    def prepare(self, model: nn.Module, plan: dict[str, int]) -> None:
+        """Quantize every linear layer of the blocks (targets or not) before the LoRA layers wrap
+        them. A shapes-only (meta) model is left as it is: bitsandbytes quantizes values, and the
+        estimate counts the 4-bit bytes from :meth:`base_quantization`."""
+        if not is_meta(model):
+            c = self.config
+            quantize(model, c.bits, c.quant_type, c.double_quant, COMPUTE_DTYPES[c.compute_dtype])
 
     def check_quantizable(self, model: nn.Module) -> None:
         if self.config.bits == 4:
@@ -164,15 +166,9 @@ class QLoRA(LoRA):
                 module = model.get_submodule(name)
                 block_size(linear_shape(module)[1], module.weight.device)
 
-    def check(self, model: nn.Module, arch: Any = None) -> None:
-        self.plan(model)
-        self.check_quantizable(model)
-
-    def planned_trainable(self, model: nn.Module, arch: Any = None) -> int:
-        """LoRA's count for this config: quantizing adds no trainable parameter (and cannot run on
-        the meta device that LoRA's dry run uses)."""
-        self.check_quantizable(model)
-        return LoRA(self.config).planned_trainable(model, arch)
+    def base_quantization(self) -> tuple[str, bool]:
+        c = self.config
+        return ("int8", False) if c.bits == 8 else (c.quant_type, c.double_quant)
 
     def merge(self, model: nn.Module) -> None:
         raise RuntimeError(f"qlora: cannot merge into a {self.config.bits}-bit base weight; "

@@ -23,8 +23,7 @@ applied with different random matrices. A and B themselves are not saved.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,30 +31,27 @@ from torch import nn
 
 from peftlab.errors import ConfigError
 from peftlab.methods.base import (
-    Method,
-    MethodConfig,
+    LayerConfig,
+    LayerMethod,
+    SavedForBackward,
     WeightDeltaLayer,
     check_float_range,
     check_int_range,
-    freeze,
+    check_rank_fits,
     linear_shape,
-    replace_module,
 )
-from peftlab.targets import resolve_targets
 
 SEED_KEY, SHAPE_KEY, FINGERPRINT_KEY = "vera_prng_key", "vera_projection_shape", "vera_projection_fingerprint"
 MAX_SEED = 2**63 - 1  # stored as an int64 tensor
 
 
 @dataclass
-class VeRAConfig(MethodConfig):
+class VeRAConfig(LayerConfig):     # + targets (default q, v) and layers (default: every block)
     name: str = "vera"
     r: int = 256                   # rank of the shared random projections (paper: 256 on RoBERTa-base)
     d_initial: float = 0.1         # init of every d entry; b starts at 0 (paper Table 6c)
     projection_prng_key: int = 0   # seed of the shared frozen A and B (saved with the adapter)
     dropout: float = 0.0           # dropout on the VeRA branch input
-    targets: Any = field(default_factory=lambda: ["q", "v"])  # short names, groups, all-linear, re:<regex>
-    layers: Any = None             # None = all blocks, or [0, 1] / "0-3"
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -119,7 +115,7 @@ class VeRALayer(WeightDeltaLayer):
         return f"{super().extra_repr()}, r={self.r}"
 
 
-class VeRA(Method):
+class VeRA(LayerMethod):
     """Shared frozen random A, B; trainable per-layer scaling vectors b and d (Kopiczko et al. 2024)."""
 
     name = "vera"
@@ -140,26 +136,22 @@ class VeRA(Method):
             )
         check_float_range("method.dropout", c.dropout, 0.0, 1.0, high_open=True)
 
-    def plan(self, model: nn.Module) -> dict[str, tuple[int, int]]:
-        """Target module name -> (out, in); checks r fits every target before anything changes."""
-        c = self.config
-        plan = {name: linear_shape(model.get_submodule(name)) for name in resolve_targets(model, c.targets, c.layers)}
-        for name, (out_f, in_f) in plan.items():
-            check_int_range("method.r", c.r, 1, min(out_f, in_f), f" (min(d, k) of {name})")
-        return plan
+    def plan_layer(self, name: str, module: nn.Module) -> tuple[int, int]:
+        """(out, in) of a target; r must fit it."""
+        check_rank_fits("method.r", self.config.r, name, module)
+        return linear_shape(module)
 
-    def apply(self, model: nn.Module, arch: Any = None) -> nn.Module:
+    def prepare(self, model: nn.Module, plan: dict[str, tuple[int, int]]) -> None:
+        """The shared frozen A (r, max in) and B (max out, r), seeded, for every layer to slice."""
         c = self.config
-        plan = self.plan(model)
         out_max = max(out_f for out_f, _ in plan.values())
         in_max = max(in_f for _, in_f in plan.values())
         device = model.get_submodule(next(iter(plan))).weight.device
-        projections = VeRAProjections(c.r, in_max, out_max, c.projection_prng_key).to(device)
-        freeze(model)
-        for name in plan:
-            layer = VeRALayer(model.get_submodule(name), projections, c.r, c.d_initial, c.dropout)
-            replace_module(model, name, layer)
-        return model
+        self._shared = VeRAProjections(c.r, in_max, out_max, c.projection_prng_key).to(device)
+
+    def make_layer(self, base: nn.Module, shape: tuple[int, int]) -> VeRALayer:
+        c = self.config
+        return VeRALayer(base, self._shared, c.r, c.d_initial, c.dropout)
 
     def projections(self, model: nn.Module) -> VeRAProjections:
         layers = self.layers(model)
@@ -170,6 +162,11 @@ class VeRA(Method):
     def expected_trainable(self, model: nn.Module) -> int:
         # b (out) + d (r) per layer
         return sum(layer.shape[0] + layer.r for layer in self.layers(model).values())
+
+    def saved_for_backward(self, layer: VeRALayer) -> SavedForBackward:
+        """A x and B diag(d) A x (r + out per token) for d's and b's gradients; A and B are frozen,
+        so x itself is kept only as the dropped copy when there is dropout."""
+        return SavedForBackward(reads_input=False, dropout=self.config.dropout > 0, elements=layer.r + layer.shape[0])
 
     def summary(self, model: nn.Module) -> dict:
         layers = self.layers(model)

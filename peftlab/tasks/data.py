@@ -25,7 +25,7 @@ from pathlib import Path
 
 from peftlab.config import TaskConfig
 from peftlab.errors import ConfigError
-from peftlab.models import package_dir
+from peftlab.models.loading import package_dir
 
 
 def _package_file(package: str, relative: str) -> Path:

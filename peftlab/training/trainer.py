@@ -9,13 +9,13 @@
            ─► evaluate tuned ─► adapter/ + result.json
 
 A run dir that already holds an ``ok`` result of the same config is skipped; a
-failed or killed run continues from its last checkpoint (peftlab/checkpoint.py).
+failed or killed run continues from its last checkpoint (peftlab/training/checkpoint.py).
 
 The loop knows methods only through their hooks, so every method runs
 through exactly this code: same data order, schedule, clipping and
 evaluation for all. Under torchrun each rank trains on its slice of every
 global batch and the gradients are averaged before ``after_backward``; rank 0
-evaluates and writes (peftlab/distributed.py).
+evaluates and writes (peftlab/training/distributed.py).
 """
 from __future__ import annotations
 
@@ -35,22 +35,22 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from peftlab import distributed
-from peftlab.budget import match_budget
-from peftlab.checkpoint import (Checkpointer, Progress, config_hash, finished_result, load_parameters,
+from peftlab.training import distributed
+from peftlab.training.budget import match_budget
+from peftlab.training.checkpoint import (Checkpointer, Progress, config_hash, finished_result, load_parameters,
                                 set_rng_state, simulated_crash)
 from peftlab.config import RunConfig, to_dict, validate
 from peftlab.errors import ConfigError
-from peftlab.memory import PeakMemory
+from peftlab.memory.measure import PeakMemory
 from peftlab.methods import method_class
 from peftlab.methods.base import count, logical_numel
-from peftlab.models import load_model
-from peftlab.optim import build_optimizer, build_scheduler
-from peftlab.results import SCHEMA_VERSION, now, provenance, write_json_atomic
+from peftlab.models.loading import load_model
+from peftlab.training.optim import build_optimizer, build_scheduler
+from peftlab.reporting.results import SCHEMA_VERSION, now, provenance, write_json_atomic
 from peftlab.tasks import build_task, load_splits
 from peftlab.tasks.probes import build_probes, evaluate_probes, forgetting_report
 from peftlab.tasks.base import count_tokens, to_device
-from peftlab.tracking import NullTracker, Tracker
+from peftlab.training.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 HEAD_PREFIX = "__head__."
@@ -115,7 +115,7 @@ class Trainer:
         key = f"{self.config_hash}/{facts['hash']}"
         self.checkpoints = Checkpointer(self.run_dir, key, cfg.trainer.checkpoint_every)
         self.probes = build_probes(cfg.task.probes, self.tokenizer, self.arch, cfg.task)
-        if cfg.budget:  # size the method to the trainable-parameter budget (peftlab/budget.py)
+        if cfg.budget:  # size the method to the trainable-parameter budget (peftlab/training/budget.py)
             self.method, self.budget = match_budget(self.method, self.model, self.arch, cfg.budget)
             cfg.method = self.method.config
         self.method.check(self.model, self.arch)  # bad targets / ranks stop here, before any evaluation
@@ -319,7 +319,7 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
     result.json, adapter/, metrics.jsonl, W&B, checkpoints). A run dir that
     holds an ``ok`` result of this config is not run again: its stored result
     is returned (and one of another config raises a ConfigError unless
-    ``trainer.overwrite``; see peftlab/checkpoint.py).
+    ``trainer.overwrite``; see peftlab/training/checkpoint.py).
     """
     run_dir = Path(run_dir)
     finished = finished_result(cfg, run_dir)
@@ -406,7 +406,7 @@ def take_predictions(metrics: dict, per_example: dict, when: str) -> dict:
 def estimate_for(cfg: RunConfig, device: torch.device, world_size: int = 1) -> dict:
     """``peftlab estimate`` for one rank of this run (its share of the global batch), stored beside
     the measured peak (never fails the run)."""
-    from peftlab.estimate import estimate
+    from peftlab.memory.estimate import estimate
 
     preset_or_path = cfg.model.name if cfg.model.source == "package" else cfg.model.path
     try:

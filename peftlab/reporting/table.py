@@ -1,6 +1,6 @@
 """Paper-style tables from runs: ``peftlab table DIR... [--by KEYS] [--metric NAME] [--select-lr]``.
 
-    DIR... --peftlab.sweeps.collect_runs--> Run (ok | failed | diverged | missing)
+    DIR... --peftlab.reporting.sweeps.collect_runs--> Run (ok | failed | diverged | missing)
            --group by the --by keys------> Row (one configuration, aggregated over seeds)
            --Table.render----------------> Markdown | CSV | LaTeX
 
@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from peftlab.errors import ConfigError
-from peftlab.memory import RESIDENT_PARTS, training_growth
-from peftlab.sweeps import Run, collect_runs
+from peftlab.memory.measure import RESIDENT_PARTS, training_growth
+from peftlab.reporting.sweeps import Run, collect_runs
 
 FORMATS = ("md", "csv", "latex")
 # keys that never become default row keys: they do not change what a run computes
@@ -148,7 +148,7 @@ def _mean(values: list) -> float | None:
 
 
 def estimated_training_bytes(result: dict) -> int | None:
-    """The estimate of what :func:`peftlab.memory.training_growth` measures (like with like, see issue 6):
+    """The estimate of what :func:`peftlab.memory.measure.training_growth` measures (like with like, see issue 6):
     ``allocated_bytes`` on CUDA, ``training_bytes`` on CPU (older results: rebuilt from the parts)."""
     memory = result.get("memory") or {}
     est = memory.get("estimate") or {}

@@ -5,7 +5,7 @@ import ctypes
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-if TYPE_CHECKING:  # torch is imported where it is used: peftlab.table reads reports without it
+if TYPE_CHECKING:  # torch is imported where it is used: peftlab.reporting.table reads reports without it
     import torch
 
 # estimate parts resident before training starts (the loaded, adapted model): what the training
@@ -132,34 +132,3 @@ def training_growth(report: dict) -> int | None:
     if not isinstance(peak, (int, float)):
         return None
     return int(peak if str(report.get("kind", "")).startswith("cuda") else peak - (report.get("baseline_bytes") or 0))
-
-
-def measure_training_peak(overrides: list[str], steps: int = 3) -> dict:
-    """What the training phase of this configuration adds at its peak (``peftlab estimate --measure``).
-
-    Runs ``steps`` real optimizer steps through the trainer (no evaluation, no saving) and
-    returns ``{"peak_bytes", "seq_len"}``: peak minus the baseline at the start of training, RSS
-    growth on CPU (the weights paged in and the heap trimmed before the baseline, see
-    :class:`PeakMemory`), ``max_memory_allocated`` on CUDA (where the baseline is the resident
-    weights); and the widest batch's tokens per sequence (batches are padded to their longest
-    example, so it can be below ``task.max_length``: an estimate to compare must use it).
-    """
-    import tempfile
-
-    from peftlab.config import compose, validate
-    from peftlab.trainer import Trainer
-    from peftlab.tracking import Tracker
-
-    run_overrides = [o for o in overrides if o.partition("=")[0].split(".")[0] not in ("mode", "estimate")]
-    cfg = validate(compose(run_overrides + [f"trainer.max_steps={steps}", "trainer.eval_before=false",
-                                            "trainer.save_adapter=false", "trainer.progress=false", "logger=none"]))
-    with tempfile.TemporaryDirectory(prefix="peftlab-measure-") as tmp:
-        trainer = Trainer(cfg, Path(tmp))
-        trainer.setup()
-        trainer.apply_method()
-        tracker = Tracker(cfg.logger, Path(tmp), {}, name="measure")
-        try:
-            outcome = trainer.fit(tracker)
-        finally:
-            tracker.finish()
-    return {"peak_bytes": training_growth(outcome["memory"]), "seq_len": outcome["train"]["widest_batch_tokens"]}

@@ -11,7 +11,7 @@ composition can replace :func:`parse_overrides` without touching the rest)::
 
 Keys read (everything else in a known group is accepted and ignored, as it does not change memory):
 
-    model                 a preset (peftlab/presets/*.json), 'hf' with model.path, or a config path
+    model                 a preset (peftlab/models/presets/*.json), 'hf' with model.path, or a config path
     model.path, model.dtype (float32 | bfloat16: the stored base; default = trainer.precision)
     method, method.<key>  any method key; method.base_quant (none|nf4|fp4|int8), method.double_quant
     trainer.batch_size, trainer.precision (fp32|bf16|fp16), trainer.gradient_checkpointing,
@@ -24,7 +24,6 @@ Keys read (everything else in a known group is accepted and ignored, as it does 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import sys
@@ -33,7 +32,7 @@ from typing import Any, Callable
 import yaml
 
 from peftlab.errors import ConfigError
-from peftlab.estimate import GB, GiB, PARTS, Estimate, estimate
+from peftlab.memory.estimate import GB, GiB, PARTS, Estimate, estimate
 
 # Defaults of conf/config.yaml (model minilm, task sentiment, method lora, trainer default, optim adamw).
 DEFAULTS: dict[str, Any] = {
@@ -44,9 +43,6 @@ DEFAULTS: dict[str, Any] = {
 TASK_TYPES = {"lm": "lm", "sentiment": "classification"}  # conf/task/*.yaml: type
 GROUPS = ("model", "method", "task", "trainer", "optim", "logger", "experiment", "estimate", "hydra",
           "mode", "seed", "out_dir")
-
-# Plug point for --measure: a callable (overrides) -> measured peak in bytes. None: peftlab.memory.
-measure_fn: Callable[[list[str]], int] | None = None
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
@@ -73,7 +69,7 @@ def _bool(key: str, value: Any) -> bool:
 
 
 def build_estimate(values: dict[str, Any], device_hint: str | None = None) -> Estimate:
-    """Call :func:`peftlab.estimate.estimate` with the values of parsed overrides."""
+    """Call :func:`peftlab.memory.estimate.estimate` with the values of parsed overrides."""
     v = {**DEFAULTS, **values}
     model = v["model"]
     if model == "hf" or "model.path" in v:
@@ -108,14 +104,6 @@ def build_estimate(values: dict[str, Any], device_hint: str | None = None) -> Es
     )
 
 
-def _default_measure(overrides: list[str], allocator: str = "returning") -> dict:
-    from peftlab.memory import measure_training_peak, return_freed_memory  # lazy: pulls in the trainer
-
-    if allocator == "returning" and _measured_device() == "cpu" and not return_freed_memory():
-        raise ConfigError("--allocator", "'returning' needs glibc's mallopt (Linux); use --allocator default")
-    return measure_training_peak(overrides, steps=3)
-
-
 def _measured_device() -> str:
     try:
         import torch
@@ -125,7 +113,10 @@ def _measured_device() -> str:
         return "cpu"
 
 
-def estimate_main(argv: list[str], measure: Callable[[list[str]], int] | None = None) -> int:
+def estimate_main(argv: list[str], measure: Callable[[list[str], str], dict | int] | None = None) -> int:
+    """``measure(overrides, allocator)`` runs real steps and returns their peak (bytes, or a dict with
+    ``peak_bytes`` and ``seq_len``); ``peftlab estimate`` passes the trainer's
+    (peftlab/training/measure.py), which this module does not import: memory does not depend on training."""
     parser = argparse.ArgumentParser(prog="peftlab estimate", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="key=value, as for peftlab train")
     parser.add_argument("--json", action="store_true", help="print JSON: total_bytes and one key per part")
@@ -145,12 +136,13 @@ def estimate_main(argv: list[str], measure: Callable[[list[str]], int] | None = 
         return 2
     out = result.to_dict()
     if args.measure:
-        fn = measure or measure_fn or functools.partial(_default_measure, allocator=args.allocator)
         returning = result.inputs["device"] == "cpu" and args.allocator == "returning"
         try:
-            measured = fn(args.overrides)
+            if measure is None:
+                raise ImportError("no measuring function was given")
+            measured = measure(args.overrides, args.allocator)
         except (ImportError, AttributeError) as err:
-            print(f"error: --measure needs peftlab.memory.measure_training_peak ({err})", file=sys.stderr)
+            print(f"error: --measure needs peftlab.training.measure.measure_for_estimate ({err})", file=sys.stderr)
             return 2
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -181,8 +173,5 @@ def estimate_main(argv: list[str], measure: Callable[[list[str]], int] | None = 
     return 0
 
 
-__all__ = ["DEFAULTS", "PARTS", "build_estimate", "estimate_main", "measure_fn", "parse_overrides"]
+__all__ = ["DEFAULTS", "PARTS", "build_estimate", "estimate_main", "parse_overrides"]
 
-
-if __name__ == "__main__":  # python -m peftlab.estimate_cli ...
-    sys.exit(estimate_main(sys.argv[1:]))

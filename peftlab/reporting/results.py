@@ -4,7 +4,7 @@ result.json fields (schema_version 1):
   status            ok | failed | diverged;  reason: why, when not ok
   method            {name, config, summary}   model {name, path, family, kind}   task {name, type, metric}
   seed, config      the resolved Hydra config
-  config_hash       sha256 of the config without keys that do not change results (peftlab/checkpoint.py)
+  config_hash       sha256 of the config without keys that do not change results (peftlab/training/checkpoint.py)
   params            {trainable (the method's), head (new task head, trained by every method),
                      total (base + adapter), trainable_pct, expected_trainable (closed form)}
   metrics           {before: {validation, test}, after: {validation, test}}   each {metric, loss, n}
@@ -67,7 +67,7 @@ def _default(value):
 
 
 def git_state(cwd: Path | None = None) -> dict:
-    cwd = cwd or Path(__file__).resolve().parent.parent
+    cwd = cwd or Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,

@@ -52,6 +52,24 @@ GROUPS = {"attention": ["q", "k", "v", "o"], "mlp": ["gate", "up", "down"]}
 BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.(.+)$")
 
 
+# Layer kinds: Linear and GPT-2 Conv1D look the same from here on.
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, bitsandbytes' Linear4bit/Linear8bitLt (subclasses of it) or Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear-like module, whatever its storage."""
+    if is_conv1d(module):
+        return module.nf, module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
 def family_of(model: nn.Module) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     return MODEL_TYPE_FAMILY.get(model_type, "other")
@@ -78,8 +96,6 @@ def parse_layers(layers: Sequence[int] | str | None) -> set[int] | None:
 
 def block_modules(model: nn.Module) -> dict[str, tuple[int, str]]:
     """Linear-like modules inside repeated blocks: name -> (layer index, name within the block)."""
-    from peftlab.methods.base import is_linear_like
-
     found = {}
     for name, module in model.named_modules():
         match = BLOCK.search(name)
@@ -129,6 +145,10 @@ def resolve_targets(
     wanted = expand(targets, family)
     chosen_layers = parse_layers(layers)
     blocks = block_modules(model)
+    indices = {index for index, _ in blocks.values()}
+    if chosen_layers is not None and indices and not chosen_layers <= indices:
+        raise ConfigError("method.layers", f"{sorted(chosen_layers)} is outside blocks 0..{max(indices)} "
+                          f"of this model; allowed: block indices 0..{max(indices)}")
     selected: list[str] = []
     for name, (index, suffix) in blocks.items():
         if chosen_layers is not None and index not in chosen_layers:

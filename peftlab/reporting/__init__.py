@@ -1,0 +1,1 @@
+"""result.json, reading runs back, sweeps, tables."""
