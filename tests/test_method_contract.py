@@ -152,3 +152,66 @@ def test_adapter_round_trip(name, tmp_path):
     assert not torch.allclose(logits(fresh, batch), expected)
     fresh_method.load_state_dict(fresh, load_file(tmp_path / "adapter.safetensors"))
     torch.testing.assert_close(logits(fresh, batch), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", WEIGHT_LAYER_METHODS)
+def test_forward_is_base_plus_branch_while_unmerged(name):
+    """``branch(x)`` is the update's contribution: forward (fused or not) == base(x) + branch(x)."""
+    model, method = build(name)
+    method.apply(model)
+    perturb(method, model)
+    torch.manual_seed(1)
+    for layer in method.layers(model).values():
+        x = torch.randn(2, 4, layer.shape[1])
+        branch = layer.branch(x)
+        assert branch.abs().max() > 0
+        torch.testing.assert_close(layer(x), layer.base(x) + branch, atol=1e-6, rtol=1e-6)
+
+
+# A size no tiny model can hold, or another input that cannot fit, per method; every method with a
+# size_key gets the huge size automatically, so a newly registered method is checked too.
+IMPOSSIBLE: dict[str, tuple[str, dict]] = {  # name -> (tiny model, config overrides)
+    "ia3": ("llama", {"targets": ["nothing_is_called_this"], "feedforward": []}),
+    "bitfit": ("llama", {}),                            # Llama has no biases
+    "lokr": ("llama", {"decompose_factor": 7}),         # any r fits (full factors); 7 divides no width
+    "prefix": ("bert", {"num_virtual_tokens": 10**6}),  # BERT's position table is 512 long
+    "prompt": ("bert", {"num_virtual_tokens": 10**6}),
+}
+NO_IMPOSSIBLE_INPUT = {"full"}  # trains every weight of whatever model it gets: nothing to refuse
+
+
+def impossible(name: str):
+    cls = METHODS[name]
+    if name in IMPOSSIBLE:
+        kind, overrides = IMPOSSIBLE[name]
+        return TINY[kind](0), cls(cls.config_class(**{**CONFIG_FOR.get(name, {}), **overrides}))
+    model, method = build(name)
+    return model, method.resized(10**6)
+
+
+def snapshot(model):
+    return ([(n, type(m).__name__) for n, m in model.named_modules()],
+            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in NO_IMPOSSIBLE_INPUT])
+def test_check_refuses_what_apply_would_refuse_without_touching_the_model(name):
+    """The trainer calls check() before it evaluates the base: whatever apply() refuses, check()
+    refuses first, with the same key, and the model is left exactly as it was."""
+    from peftlab.errors import ConfigError
+
+    model, method = impossible(name)
+    modules, params = snapshot(model)
+    with pytest.raises(ConfigError) as checked:
+        method.check(model)
+    after_modules, after_params = snapshot(model)
+    assert after_modules == modules
+    assert all(torch.equal(t, params[n][0]) and grad == params[n][1] for n, (t, grad) in after_params.items())
+    with pytest.raises(ConfigError) as applied:
+        method.apply(model)
+    assert applied.value.key == checked.value.key
+
+
+def test_every_registered_method_is_checked_for_an_impossible_input():
+    unsized = [n for n in ALL if METHODS[n].size_key is None and n not in IMPOSSIBLE and n not in NO_IMPOSSIBLE_INPUT]
+    assert not unsized, f"{unsized}: no size_key and no impossible input in IMPOSSIBLE"

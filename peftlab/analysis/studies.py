@@ -1,6 +1,7 @@
 """Turn a study's sweeps into its committed results: ``python -m peftlab.analysis.studies SWEEP... --out DIR``.
 
-    SWEEP... ─► DIR/runs/<sweep>/<job>/{result.json, metrics.jsonl, config.yaml, predictions.json}   (no adapters, no checkpoints)
+    SWEEP... ─► DIR/runs/<sweep>/<job>/{result.json, predictions.json}   (result.json holds the config and the
+                metrics; no config.yaml copy, no per-step metrics.jsonl, no adapters, no checkpoints)
              ─► DIR/table.md, table.csv           (peftlab table over every run)
              ─► DIR/metric_vs_params.png        (each configuration: mean ± std over seeds vs trainable params)
              ─► DIR/learn_vs_forget.png         (when runs measured forgetting: a point per run)
@@ -18,7 +19,7 @@ from typing import Sequence
 
 from peftlab.errors import ConfigError
 
-SMALL_FILES = ("result.json", "metrics.jsonl", "config.yaml", "predictions.json")
+SMALL_FILES = ("result.json", "predictions.json")  # predictions.json: what `peftlab paired` reads
 
 
 def copy_runs(sweeps: Sequence[Path], out: Path) -> int:

@@ -24,6 +24,7 @@ Keys read (everything else in a known group is accepted and ignored, as it does 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -78,8 +79,11 @@ def build_estimate(values: dict[str, Any], device_hint: str | None = None) -> Es
             raise ConfigError("model.path", "model=hf needs model.path=<config.json or model directory>")
     method = v["method"]
     method_cfg = {k.split(".", 1)[1]: val for k, val in v.items() if k.startswith("method.")}
-    base_quant = method_cfg.pop("base_quant", None)  # the estimator's own: a PEFT method over a quantized base
-    double_quant = None if method == "qlora" else method_cfg.pop("double_quant", None)
+    # base_quant / double_quant are the estimator's own keys (a PEFT method over a quantized base),
+    # unless the method has a setting of that name (QLoRA's double_quant), which then stays its own
+    own = _method_fields(method)
+    base_quant = None if "base_quant" in own else method_cfg.pop("base_quant", None)
+    double_quant = None if "double_quant" in own else method_cfg.pop("double_quant", None)
     device = v.get("estimate.device") or v["trainer.device"]
     if device == "auto":
         device = device_hint or "cuda"  # planning for a GPU unless told otherwise
@@ -102,6 +106,13 @@ def build_estimate(values: dict[str, Any], device_hint: str | None = None) -> Es
         overhead_bytes=None if overhead_gb is None else int(overhead_gb * GiB),
         heap_slack=_bool("estimate.cpu_heap_slack", v.get("estimate.cpu_heap_slack", True)),
     )
+
+
+def _method_fields(method: Any) -> set[str]:
+    from peftlab.methods import METHODS
+
+    cls = METHODS.get(str(method))
+    return {f.name for f in dataclasses.fields(cls.config_class)} if cls is not None else set()
 
 
 def _measured_device() -> str:

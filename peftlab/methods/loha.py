@@ -38,6 +38,7 @@ from peftlab.methods.base import (
     WeightDeltaLayer,
     check_int_range,
     check_positive,
+    check_rank_fits,
     linear_shape,
 )
 
@@ -118,7 +119,11 @@ class LoHa(LayerMethod):
         check_int_range("method.r", c.r, 1)
         check_positive("method.alpha", c.alpha)
 
-    def make_layer(self, base: nn.Module, spec: None) -> LoHaLayer:
+    def plan_layer(self, name: str, module: nn.Module) -> int:
+        """Each factor pair W_a W_b has rank at most min(out, in): a larger r only adds parameters."""
+        return check_rank_fits("method.r", self.config.r, name, module)
+
+    def make_layer(self, base: nn.Module, spec: int) -> LoHaLayer:
         return LoHaLayer(base, self.config.r, self.config.alpha)
 
     def saved_for_backward(self, layer: LoHaLayer) -> SavedForBackward:
