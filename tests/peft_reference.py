@@ -49,6 +49,10 @@ MODULE_NAMES = {
               "gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
 }
 
+# peft's task type for each tiny model family of tests/conftest.py (TINY); the benchmark takes SEQ_CLS
+# for encoders, CAUSAL_LM otherwise, as here.
+TASK_TYPES = {"llama": "CAUSAL_LM", "bert": "SEQ_CLS", "gpt2": "CAUSAL_LM"}
+
 # peftlab adapter role (a layer's adapter_parameters() key) -> peft's parameter name inside the
 # adapted module, adapter "default".
 _LORA_NAMES = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TINY
-from peftlab.budget import TOLERANCE, match_budget
+from conftest import TINY, requires_bitsandbytes
+from peftlab.training.budget import TOLERANCE, match_budget
 from peftlab.cli import main
 from peftlab.config import compose, validate
 from peftlab.errors import ConfigError
@@ -126,8 +126,8 @@ def test_matching_leaves_the_model_and_the_random_stream_alone():
     assert set(after) == set(before) and all(torch.equal(before[n], after[n]) for n in before)
 
 
+@requires_bitsandbytes
 def test_qlora_is_matched_as_lora():
-    pytest.importorskip("bitsandbytes")
     model, arch = TINY["llama"](), arch_for("llama")
     _, qlora = match_budget(method_of("qlora", targets=["q", "v"]), model, arch, 1120)
     _, lora = match_budget(method_of("lora"), model, arch, 1120)  # 2 layers × r(32 + 32 + 32 + 16) = 224 r
@@ -176,7 +176,7 @@ MINILM_CASES = [  # (method, its config, budget, the size the closed form gives)
 
 @pytest.fixture(scope="module")
 def minilm():
-    from peftlab.models import load_model
+    from peftlab.models.loading import load_model
 
     cfg = validate(compose(["model=minilm"]))
     model, _, arch = load_model(cfg.model, cfg.task.type, 2)
@@ -197,8 +197,8 @@ def test_minilm_lands_within_tolerance_and_apply_agrees(minilm, name, fields, bu
 
 @pytest.mark.slow
 def test_run_records_the_budget_and_trains_that_size(tmp_path):
-    from peftlab.runs import load_run
-    from peftlab.trainer import run
+    from peftlab.reporting.runs import load_run
+    from peftlab.training.trainer import run
 
     cfg = compose(["method=dora", "budget=100000", "trainer.max_steps=1", "trainer.batch_size=4",
                    "trainer.eval_before=false", "task.max_train_examples=16", "task.max_eval_examples=8",

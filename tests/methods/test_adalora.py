@@ -1,10 +1,10 @@
-"""AdaLoRA, LoHa and LoKr: bad input, behaviour peft does not cover, and parity with peft.
+"""AdaLoRA: bad input, behaviour peft does not cover, and parity with peft.
 
 Parity: tiny Llama, the same base weights, adapter tensors copied from peft's
 non-identity init into ours; outputs and input gradients within 1e-5 in fp32,
-trainable counts equal. AdaLoRA also: the orthogonality regularizer's value and
-the rank allocator (importance EMAs, masks, budget schedule) step by step on
-the same fake gradients.
+trainable counts equal. Also: the orthogonality regularizer's value and the
+rank allocator (importance EMAs, masks, budget schedule) step by step on the
+same fake gradients. (peft mapping: tests/peft_reference.py.)
 """
 from __future__ import annotations
 
@@ -15,66 +15,21 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import assert_supports_conv1d_bases, make, requires_peft, tiny_llama
+from peft_reference import ADAPTER_NAMES, assert_matches_peft, copy_adapter_weights, n_trainable_peft, peft_model
 from peftlab.errors import ConfigError
 from peftlab.methods import METHODS
-from peftlab.methods.adalora import AdaLoRAConfig, budget_schedule
-from peftlab.methods.base import base_weight, count
-from peftlab.methods.lokr import LoKrConfig, factorization
-from test_peft_parity import copy_adapter_weights
+from peftlab.methods.adalora import budget_schedule
+from peftlab.methods.base import count
 
-peft = pytest.importorskip("peft")
-
-PEFT_TARGETS = ["q_proj", "v_proj", "down_proj"]
 OUR_TARGETS = ["q", "v", "down"]
-ADALORA_ROLES = {"lora_P": "lora_B.default", "lora_E": "lora_E.default", "lora_Q": "lora_A.default"}
-
-
-def run_with_input_grad(model, embeds, grad_out):
-    x = embeds.clone().requires_grad_(True)
-    out = model(inputs_embeds=x).logits
-    out.backward(grad_out)
-    return out.detach(), x.grad
-
-
-def assert_matches_peft(ours, ref, base, fp64_adjust=lambda model: None):
-    """Outputs and input gradients of ours and peft on the same input.
-
-    fp32: outputs within 1e-5; input gradients within 1e-5 of their largest entry. They are ~50 here
-    (RMSNorm divides by the 0.02-scale embedding RMS), where one fp32 ulp is 3.8e-6, so a plain
-    1e-5 would fail any change of operation order (the Kronecker and Khatri-Rao forwards reorder
-    sums on purpose). fp64: both within 1e-9, so the formulas are the same, not merely close.
-    """
-    torch.manual_seed(0)
-    embeds = base.get_input_embeddings()(torch.randint(0, 128, (2, 11))).detach()
-    grad_out = torch.randn(2, 11, 128)
-    out1, grad1 = run_with_input_grad(ours, embeds, grad_out)
-    out2, grad2 = run_with_input_grad(ref, embeds, grad_out)
-    torch.testing.assert_close(out1, out2, atol=1e-5, rtol=0)
-    torch.testing.assert_close(grad1, grad2, atol=1e-5 * grad2.abs().max().item(), rtol=0)
-    with torch.no_grad():  # the adapter really changes the output, so agreement means something
-        assert out1.sub(base(inputs_embeds=embeds).logits).abs().max() > 1e-3
-
-    ours64, ref64 = copy.deepcopy(ours).double(), copy.deepcopy(ref).double()
-    fp64_adjust(ours64)
-    out1, grad1 = run_with_input_grad(ours64, embeds.double(), grad_out.double())
-    out2, grad2 = run_with_input_grad(ref64, embeds.double(), grad_out.double())
-    torch.testing.assert_close(out1, out2, atol=1e-9, rtol=0)
-    torch.testing.assert_close(grad1, grad2, atol=1e-9, rtol=0)
-
-
-def make(name: str, **config):
-    cls = METHODS[name]
-    return cls(cls.config_class(**config))
+ADALORA_ROLES = ADAPTER_NAMES["adalora"]  # ours -> peft: P = lora_B, Λ = lora_E, Q = lora_A
 
 
 def ids(seed: int = 0, shape=(2, 9)) -> torch.Tensor:
     return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
 
 
-# --------------------------------------------------------------------------- #
-# AdaLoRA
-# --------------------------------------------------------------------------- #
 def test_adalora_target_r_above_init_r_is_a_config_error():
     with pytest.raises(ConfigError, match=r"^method\.target_r: got 16; allowed: an integer in \[1, 12\]"):
         make("adalora", init_r=12, target_r=16)
@@ -108,12 +63,9 @@ def test_adalora_after_backward_needs_total_steps():
 def adalora_pair(total_step=30, tinit=5, tfinal=5, deltaT=1, orth_reg_weight=0.5, seed=0):
     """(base, peft model, our model, our method) with identical, non-identity adapters."""
     base = tiny_llama()
-    ref = peft.get_peft_model(
-        copy.deepcopy(base),
-        peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=PEFT_TARGETS, lora_dropout=0.0,
-                           total_step=total_step, tinit=tinit, tfinal=tfinal, deltaT=deltaT,
-                           orth_reg_weight=orth_reg_weight),
-    ).eval()
+    method = make("adalora", init_r=4, target_r=2, alpha=8, targets=OUR_TARGETS, tinit=tinit, tfinal=tfinal,
+                  deltaT=deltaT, orth_reg_weight=orth_reg_weight)
+    ref = peft_model(method, base, total_steps=total_step)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # peft's init has Λ = 0 (identity): make every factor non-trivial
         for n, p in ref.named_parameters():
@@ -121,17 +73,16 @@ def adalora_pair(total_step=30, tinit=5, tfinal=5, deltaT=1, orth_reg_weight=0.5
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
             elif "lora_A" in n or "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    method = make("adalora", init_r=4, target_r=2, alpha=8, targets=OUR_TARGETS, tinit=tinit, tfinal=tfinal,
-                  deltaT=deltaT, orth_reg_weight=orth_reg_weight)
     ours = method.apply(copy.deepcopy(base)).eval()
-    copy_adapter_weights(ours, method, ref, ADALORA_ROLES)
+    copy_adapter_weights(ours, method, ref)
     return base, ref, ours, method
 
 
+@requires_peft
 def test_adalora_equals_peft_forward_input_grad_and_count():
     base, ref, ours, method = adalora_pair()
     trainable = count(method.trainable_parameters(ours))
-    assert trainable == ref.get_nb_trainable_parameters()[0] == method.expected_trainable(ours)
+    assert trainable == n_trainable_peft(ref) == method.expected_trainable(ours)
     assert trainable == sum(4 * (o + i + 1) for o, i in [(32, 32), (16, 32), (32, 64)] * 2)
 
     def peft_scaling(model):  # peft divides by (init_r + 1e-5), we by init_r: a 2.5e-6 relative gap
@@ -141,6 +92,7 @@ def test_adalora_equals_peft_forward_input_grad_and_count():
     assert_matches_peft(ours, ref, base, peft_scaling)
 
 
+@requires_peft
 def test_adalora_orthogonality_regularizer_equals_peft():
     base, ref, ours, method = adalora_pair(orth_reg_weight=0.3)
     tokens = ids(3)
@@ -154,6 +106,7 @@ def test_adalora_orthogonality_regularizer_equals_peft():
     assert make("adalora", orth_reg_weight=0.0).extra_loss(ours) is None
 
 
+@requires_peft
 def test_adalora_budget_schedule_equals_peft():
     _, ref, ours, method = adalora_pair(total_step=40, tinit=6, tfinal=7, deltaT=3)
     allocator = ref.base_model.rankallocator
@@ -163,6 +116,7 @@ def test_adalora_budget_schedule_equals_peft():
         assert budget_schedule(step, 40, 6, 7, 3, init_budget, target_budget) == allocator.budget_schedule(step)
 
 
+@requires_peft
 @pytest.mark.parametrize("deltaT", [1, 3])
 def test_adalora_rank_allocator_equals_peft_step_by_step(deltaT):
     """Same fake gradients and the same simulated updates into both; compare EMAs, Λ and masks."""
@@ -210,7 +164,7 @@ def test_adalora_rank_allocator_equals_peft_step_by_step(deltaT):
 
 
 def adalora_train(model, method, steps, tokens, lr=1e-2):
-    """peftlab.trainer's order and step numbers (0 .. steps-1): loss + extra_loss, backward,
+    """peftlab.training.trainer's order and step numbers (0 .. steps-1): loss + extra_loss, backward,
     after_backward, optimizer step."""
     optimizer = torch.optim.AdamW(list(method.trainable_parameters(model).values()), lr=lr)
     method.on_train_start(model, steps)
@@ -271,118 +225,5 @@ def test_adalora_training_reaches_target_budget_and_mask_holds(tmp_path):
     assert fresh_method.summary(fresh)["ranks"] == summary["ranks"]
 
 
-# --------------------------------------------------------------------------- #
-# LoHa
-# --------------------------------------------------------------------------- #
-HADA_ROLES = {r: f"{r}.default" for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
-
-
-@pytest.mark.parametrize("r,khatri_rao", [(8, {False}), (2, {True}), (4, {False, True})])
-def test_loha_equals_peft(r, khatri_rao):
-    base = tiny_llama()
-    ref = peft.get_peft_model(
-        copy.deepcopy(base),
-        peft.LoHaConfig(r=r, alpha=8, target_modules=PEFT_TARGETS, init_weights=False),
-    ).eval()
-    method = make("loha", r=r, alpha=8, targets=OUR_TARGETS)
-    ours = method.apply(copy.deepcopy(base)).eval()
-    # both forward forms are exercised: dense ΔW, and the rank-r² Khatri-Rao product
-    assert {layer.khatri_rao for layer in method.layers(ours).values()} == khatri_rao
-    copy_adapter_weights(ours, method, ref, HADA_ROLES)
-    assert count(method.trainable_parameters(ours)) == ref.get_nb_trainable_parameters()[0]
-    assert_matches_peft(ours, ref, base)
-
-
-def test_loha_bad_rank_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"^method\.r: got 0; allowed"):
-        make("loha", r=0)
-
-
-# --------------------------------------------------------------------------- #
-# LoKr
-# --------------------------------------------------------------------------- #
-def test_lokr_factorization_equals_peft():
-    from peft.tuners.lokr.layer import factorization as peft_factorization
-
-    for dimension in range(1, 400):
-        assert factorization(dimension) == peft_factorization(dimension), dimension
-        for factor in (1, 2, 3, 4, 8, 16, 24):
-            if dimension % factor == 0:
-                assert factorization(dimension, factor) == peft_factorization(dimension, factor)
-
-
-LOKR_CASES = {
-    "w2 full": dict(r=8),
-    "both decomposed, mixed": dict(r=3, decompose_both=True),
-    "factor 8 (w1 larger)": dict(r=2, decompose_factor=8),
-}
-
-
-@pytest.mark.parametrize("config", LOKR_CASES.values(), ids=LOKR_CASES.keys())
-def test_lokr_equals_peft(config):
-    base = tiny_llama()
-    ref = peft.get_peft_model(
-        copy.deepcopy(base),
-        peft.LoKrConfig(alpha=8, target_modules=PEFT_TARGETS, init_weights=False, **config),
-    ).eval()
-    method = make("lokr", alpha=8, targets=OUR_TARGETS, **config)
-    ours = method.apply(copy.deepcopy(base)).eval()
-    roles = {r: f"{r}.default" for r in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}
-    ref_names = {n for n, _ in ref.named_parameters()}
-    for name, layer in method.layers(ours).items():  # the same factors exist, with the same shapes
-        assert {f"base_model.model.{name}.{roles[role]}" for role in layer.adapter_parameters()} == {
-            n for n in ref_names if n.startswith(f"base_model.model.{name}.lokr_")}
-    copy_adapter_weights(ours, method, ref, roles)
-    trainable = count(method.trainable_parameters(ours))
-    assert trainable == ref.get_nb_trainable_parameters()[0] == method.expected_trainable(ours)
-    assert_matches_peft(ours, ref, base)
-
-
-def test_lokr_factor_that_does_not_divide_fails_before_modifying_the_model():
-    model = tiny_llama()
-    reference = copy.deepcopy(model.state_dict())
-    with pytest.raises(ConfigError, match=r"^method\.decompose_factor: got 3, which does not divide "
-                                          r"model\.layers\.0\.self_attn\.q_proj .*allowed: -1 or .*\[1, 2, 4, 8, 16\]"):
-        make("lokr", decompose_factor=3, targets=OUR_TARGETS).apply(model)
-    assert all(p.requires_grad for p in model.parameters())
-    assert METHODS["lokr"].layer_class not in {type(m) for m in model.modules()}
-    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
-
-
-@pytest.mark.parametrize("factor", [0, -2, 1.5])
-def test_lokr_bad_factor_value_is_a_config_error(factor):
-    with pytest.raises(ConfigError, match=r"^method\.decompose_factor: got .*allowed: -1 \(automatic\) or an integer"):
-        METHODS["lokr"](LoKrConfig(decompose_factor=factor))
-
-
-# --------------------------------------------------------------------------- #
-# GPT-2 Conv1D bases (peft's LoHa/LoKr refuse them; ours wrap any linear-like layer)
-# --------------------------------------------------------------------------- #
-CONV1D_CASES = [("loha", dict(r=2)), ("lokr", dict(r=2)), ("adalora", dict(init_r=4, target_r=2))]
-
-
-@pytest.mark.parametrize("name,config", CONV1D_CASES)
-def test_conv1d_bases_are_supported(name, config):
-    model = tiny_gpt2()
-    tokens = ids(8)
-    with torch.no_grad():
-        before = model(input_ids=tokens).logits
-    method = make(name, targets=["q", "o", "up", "down"], **config)
-    method.apply(model)
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=tokens).logits, before, atol=1e-6, rtol=0)
-        generator = torch.Generator().manual_seed(2)
-        for p in method.trainable_parameters(model).values():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
-    layers = method.layers(model)
-    assert len(layers) == 8
-    for layer in layers.values():
-        x = torch.randn(3, 5, layer.shape[1], generator=generator)
-        weight = base_weight(layer.base) + layer.delta_weight()
-        torch.testing.assert_close(layer(x), F.linear(x, weight, layer.base.bias), atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        unmerged = model(input_ids=tokens).logits
-        method.merge(model)
-        torch.testing.assert_close(model(input_ids=tokens).logits, unmerged, atol=1e-5, rtol=1e-4)
-        method.unmerge(model)
-        torch.testing.assert_close(model(input_ids=tokens).logits, unmerged, atol=0, rtol=0)
+def test_adalora_on_gpt2_conv1d_bases():
+    assert_supports_conv1d_bases("adalora", init_r=4, target_r=2)
