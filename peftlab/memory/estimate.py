@@ -70,7 +70,7 @@ tensor a backward needs (2 bytes per element, 1 per dropout mask, 5·a·s² for 
 matrix: softmax output, dropout mask and output). We keep that method and redo the list for
 the Hugging Face implementations peftlab runs, at the compute dtype's size (so fp32 doubles
 every term but the masks), checked tensor by tensor with ``saved_tensors_hooks`` while writing
-it and against profiler peaks of real steps in tests/test_estimate.py:
+it and against profiler peaks of real steps in tests/memory/test_estimate.py:
 
 * per architecture: SwiGLU keeps three (s, intermediate) tensors, grouped-query attention keeps
   K/V at kv width, RMSNorm keeps an fp32 copy of its input, BERT is post-LN with dropout,

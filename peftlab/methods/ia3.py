@@ -95,7 +95,7 @@ class IA3(LayerMethod):
     config_class = IA3Config
     mergeable = True
     layer_class = IA3Layer
-    memory_approximate = False  # its saved tensors were checked against profiler peaks (tests/test_estimate.py)
+    memory_approximate = False  # its saved tensors were checked against profiler peaks (tests/memory/test_estimate.py)
 
     def validate_config(self) -> None:
         c = self.config

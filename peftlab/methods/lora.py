@@ -112,7 +112,7 @@ class LoRA(LayerMethod):
     mergeable = True
     layer_class = LoRALayer
     size_key = "r"  # budget matching sets r; rank_pattern overrides stay as given
-    memory_approximate = False  # its saved tensors were checked against profiler peaks (tests/test_estimate.py)
+    memory_approximate = False  # its saved tensors were checked against profiler peaks (tests/memory/test_estimate.py)
 
     def validate_config(self) -> None:
         c = self.config

@@ -34,8 +34,8 @@ def package(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "peftlab", root / "peftlab", ignore=ignore)
     shutil.copytree(ROOT / "conf", root / "conf", ignore=ignore)
     (root / "tests").mkdir()
-    for name in ("conftest.py", "test_method_contract.py"):
-        shutil.copy(ROOT / "tests" / name, root / "tests" / name)
+    shutil.copy(ROOT / "tests/conftest.py", root / "tests/conftest.py")
+    shutil.copy(ROOT / "tests/methods/test_contract.py", root / "tests/test_contract.py")
     shutil.copy(ROOT / "tests/data/lora_fa.py", root / "peftlab/methods/lora_fa.py")  # 1. the file
     (root / "conf/method/lora_fa.yaml").write_text(YAML)                           # 2. the YAML
     registry = root / "peftlab/methods/__init__.py"                                 # 3. the registry entry
@@ -63,7 +63,7 @@ def test_the_copy_imports_its_own_peftlab(package):
 
 
 def test_the_contract_tests_pass_for_it(package):
-    done = run(package, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_method_contract.py",
+    done = run(package, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_contract.py",
                "-k", "lora_fa", "-W", "ignore")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     summary = done.stdout.strip().splitlines()[-1]

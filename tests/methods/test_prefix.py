@@ -1,8 +1,12 @@
-"""Prefix tuning: parity with peft on tiny Llama, BERT and GPT-2, masks, collapse and saving, bad input.
+"""Prefix tuning: parity with peft on tiny Llama, BERT and GPT-2, the prefix inside BERT's
+attention computed by hand, masks, collapse and saving, bad input.
 
 Parity (peft mapping: tests/peft_reference.py): peft's random prefix (MLP encoder or plain P)
 copied into ours; logits and input gradients within 1e-5 on a right-padded batch, trainable
-counts equal (peft's SEQ_CLS classifier left out: peftlab's trainer owns the head).
+counts equal (peft's SEQ_CLS classifier left out: peftlab's trainer owns the head). On BERT,
+peft 0.21 + transformers 5.24 cannot run its own prefix forward without
+``peft_reference.restore_prefix_forward`` (see there); the hand-computed attention check needs
+no peft at all.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY, batch, logits, make, requires_peft, tiny_bert, tiny_llama
 from peft_reference import (TASK_TYPES, compare_forward_and_input_grad, compare_with_mask, copy_from_peft,
-                            n_trainable_peft, peft_model, peft_trainable_without_head)
+                            n_trainable_peft, peft_model, peft_trainable_without_head, restore_prefix_forward)
 from peftlab.errors import ConfigError
 from peftlab.methods.base import count
 
@@ -30,7 +34,7 @@ def peft_prefix_pair(family: str, projection: bool, n: int = 5):
     """(base, peft model, our method, our model) with peft's random prefix copied into ours."""
     base = TINY[family]()
     method = make("prefix", num_virtual_tokens=n, prefix_projection=projection)
-    ref = peft_model(method, base, TASK_TYPES[family])
+    ref = restore_prefix_forward(peft_model(method, base, TASK_TYPES[family]))
     ours = method.apply(copy.deepcopy(base)).eval()
     copy_from_peft(method, ours, ref)
     return base, ref, method, ours
@@ -50,21 +54,54 @@ def test_prefix_equals_peft_on_llama(projection):
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_prefix_equals_peft_on_bert_and_gpt2(family):
     base, ref, method, ours = peft_prefix_pair(family, projection=True)
-    try:
-        logits(ref, batch())
-    except ValueError as err:  # the reference itself cannot run here: nothing to compare with
-        if "past key values" not in str(err):
-            raise
-        import peft
-        import transformers
-
-        pytest.skip(f"peft {peft.__version__} + transformers {transformers.__version__}: {err} "
-                    "(prefix parity stays covered on llama and gpt2)")
     assert method.expected_trainable(ours) == peft_trainable_without_head(ref)
     compare_with_mask(ours, ref, batch(seed=11), token_types=family == "bert")
     out = logits(ours, batch())
     assert out.shape == ((2, 2) if family == "bert" else (2, 9, 128))
+    torch.testing.assert_close(out, logits(ref, batch()), atol=1e-5, rtol=0)  # input_ids path
     assert out.sub(logits(base, batch())).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("projection", [True, False], ids=["mlp", "plain"])
+def test_prefix_on_bert_is_attention_over_the_prefix_keys_and_values(projection):
+    """Independently of peft and of transformers' cache and masks: in every BERT layer, self-attention
+    over the T real tokens equals softmax(q [P_k; k]ᵀ / √d + padding mask) [P_v; v], formed here from
+    the layer's input and P, and the real tokens sit at positions n .. n+T-1 of the position table."""
+    n = 4
+    method = make("prefix", num_virtual_tokens=n, prefix_projection=projection)
+    model = method.apply(tiny_bert())
+    inputs = batch()
+    attentions = [layer.attention.self for layer in model.bert.encoder.layer]
+    seen = {}
+    hooks = [a.register_forward_hook(lambda module, args, out: seen.setdefault(module, (args[0], out[0])))
+             for a in attentions]
+    logits(model, inputs)
+    for hook in hooks:
+        hook.remove()
+    prefix = method.encoder(model)().detach()  # (L, 2, n, k)
+    heads = model.config.num_attention_heads
+    keep = torch.cat([torch.ones(2, n, dtype=torch.bool), inputs["attention_mask"].bool()], dim=1)  # (B, n+T)
+    for index, attention in enumerate(attentions):
+        hidden, out = seen[attention]
+        batch_size, length, width = hidden.shape
+        d = width // heads
+
+        def split(x):  # (B, S, heads·d) -> (B, heads, S, d)
+            return x.view(x.shape[0], -1, heads, d).transpose(1, 2)
+
+        with torch.no_grad():
+            q = split(attention.query(hidden))
+            k = torch.cat([split(prefix[index, 0].expand(batch_size, -1, -1)), split(attention.key(hidden))], dim=2)
+            v = torch.cat([split(prefix[index, 1].expand(batch_size, -1, -1)), split(attention.value(hidden))], dim=2)
+            scores = (q @ k.transpose(-1, -2) / d ** 0.5).masked_fill(~keep[:, None, None, :], float("-inf"))
+            expected = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch_size, length, width)
+        assert k.shape[2] == n + length
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        positions = torch.arange(n, n + inputs["input_ids"].shape[1]).expand(2, -1)
+        embedded = model.bert.embeddings(input_ids=inputs["input_ids"], position_ids=positions)
+    torch.testing.assert_close(seen[attentions[0]][0], embedded, atol=1e-6, rtol=0)
+    assert logits(model, inputs).sub(logits(tiny_bert(), inputs)).abs().max() > 1e-3  # the prefix acts
 
 
 def test_prefix_mask_hides_padding():

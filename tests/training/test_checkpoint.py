@@ -24,7 +24,7 @@ from peftlab.cli import main
 from peftlab.config import compose, validate
 from peftlab.training.trainer import Trainer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # fields that say when / where / how fast a run went, not what it computed
 VOLATILE = {"run_dir", "provenance", "wall_time_s", "memory"}
 VOLATILE_TRAIN = {"train_time_s", "tokens_per_s"}

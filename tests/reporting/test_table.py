@@ -20,7 +20,7 @@ from peftlab.errors import ConfigError
 from peftlab.reporting.table import build_table, format_params, latex_escape
 from peftlab.training.tracking import sweep_group
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 # a real result.json (smollm2-135m + LoRA r=4, 12 steps; a copy of results/forgetting_smollm2/lora_r4's,
 # so no test reads committed results): the fakes below change only what a test needs
 TEMPLATE = json.loads((DATA / "result_smollm2_lora_r4.json").read_text())

@@ -19,7 +19,7 @@ from peftlab.tasks.lm import LMTask
 
 from conftest import tiny_llama
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def launch(args: list[str], cwd: Path, nproc: int | None = None) -> subprocess.CompletedProcess:
