@@ -76,7 +76,7 @@ from peftlab.models.targets import resolve_targets
 
 # The peft side (config mapping, PEFT_METHODS) is the parity tests' own: tests/peft_reference.py.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
-from peft_reference import PEFT_METHODS, peft_config  # noqa: E402
+from peft_reference import PEFT_METHODS, peft_config, restore_prefix_forward  # noqa: E402
 
 BATCH = {"minilm": (32, 64), "smollm2-135m": (8, 64)}  # (examples, tokens)
 LR = 5e-4  # AdamW's learning rate; it does not change the cost of a step
@@ -214,7 +214,7 @@ def build_peft(name: str, copier: Copier, arch, batch: dict, total_steps: int, m
         quantize(model, config.bits, config.quant_type, config.double_quant, COMPUTE_DTYPES[config.compute_dtype])
         model.is_loaded_in_4bit, model.is_loaded_in_8bit = config.bits == 4, config.bits == 8  # peft's bnb dispatch
     torch.manual_seed(0)
-    model = peft.get_peft_model(model, peft_cfg)
+    model = restore_prefix_forward(peft.get_peft_model(model, peft_cfg))  # a no-op but for prefix on BERT
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "loraplus":
         optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=config.lr_ratio,

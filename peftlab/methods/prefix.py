@@ -26,6 +26,7 @@ Linear layers nn.Linear's default. The adapted model is not the base at init.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -51,6 +52,16 @@ def kv_geometry(config: Any) -> tuple[int, int, int]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, kv_heads, head_dim
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 names it cache; past_key_values until 5.40
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name the model's forward takes the KV cache by: ``cache`` where it (or the backbone its
+    ``**kwargs`` reach, as BertForSequenceClassification's) has one, else the older ``past_key_values``."""
+    forwards = (model.forward, getattr(model, "base_model", model).forward)
+    return "cache" if any("cache" in inspect.signature(f).parameters for f in forwards) else "past_key_values"
 
 
 class PrefixEncoder(nn.Module):
@@ -105,15 +116,16 @@ class PrefixEncoder(nn.Module):
 
     def pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = call_kwargs(model, args, kwargs)
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("prefix tuning serves full-sequence forwards only; got past_key_values "
-                             "(incremental decoding is not supported)")
+        for name in CACHE_ARGUMENTS:
+            if kwargs.get(name) is not None:
+                raise ValueError(f"prefix tuning serves full-sequence forwards only; got {name} "
+                                 "(incremental decoding is not supported)")
         reference = kwargs.get("input_ids")
         if reference is None:
             reference = kwargs["inputs_embeds"]
         batch, length = reference.shape[:2]
         check_positions(model, self.num_virtual_tokens, length)
-        kwargs["past_key_values"] = self.cache(batch, model.get_input_embeddings().weight.dtype)
+        kwargs[cache_argument(model)] = self.cache(batch, model.get_input_embeddings().weight.dtype)
         kwargs["attention_mask"] = prepend_mask(kwargs.get("attention_mask"), self.num_virtual_tokens)
         return (), kwargs
 
