@@ -137,3 +137,18 @@ def assert_supports_conv1d_bases(name: str, **config) -> None:
         torch.testing.assert_close(model(input_ids=tokens).logits, unmerged, atol=1e-5, rtol=1e-4)
         method.unmerge(model)
         torch.testing.assert_close(model(input_ids=tokens).logits, unmerged, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def perturb(params, scale: float = 0.1, seed: int = 7):
+    """Add seeded noise to parameters: a non-identity adapter, so merge / parity tests can fail."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def layer_input(layer, seed: int = 0):
+    """A seeded (2, 5, in_features) input for one adapted layer."""
+    torch.manual_seed(seed)
+    return torch.randn(2, 5, layer.shape[1])
+

@@ -15,25 +15,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import make, requires_peft, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import layer_input, make, perturb, requires_peft, tiny_bert, tiny_gpt2, tiny_llama
 from peft_reference import ADAPTER_NAMES, copy_adapter_weights, n_trainable_peft, peft_model
 from peftlab.errors import ConfigError
 from peftlab.methods.base import base_weight, count
 from peftlab.methods.dora import DoRALayer
 
 DORA_NAMES = ADAPTER_NAMES["dora"]  # role -> peft's parameter name
-
-
-@torch.no_grad()
-def perturb(params, scale: float = 0.1, seed: int = 7):
-    generator = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.add_(torch.randn(p.shape, generator=generator) * scale)
-
-
-def layer_input(layer, seed: int = 0):
-    torch.manual_seed(seed)
-    return torch.randn(2, 5, layer.shape[1])
 
 
 def dora_pair(base, dropout: float = 0.0):

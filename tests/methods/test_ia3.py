@@ -12,22 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make, requires_peft, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import layer_input, make, perturb, requires_peft, tiny_bert, tiny_gpt2, tiny_llama
 from peft_reference import compare_forward_and_input_grad, copy_adapter_weights, n_trainable_peft, peft_model
 from peftlab.errors import ConfigError
 from peftlab.methods.base import base_weight, count
-
-
-@torch.no_grad()
-def perturb(params, scale: float = 0.1, seed: int = 7):
-    generator = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.add_(torch.randn(p.shape, generator=generator) * scale)
-
-
-def layer_input(layer, seed: int = 0):
-    torch.manual_seed(seed)
-    return torch.randn(2, 5, layer.shape[1])
 
 
 @requires_peft

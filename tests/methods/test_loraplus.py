@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make, tiny_llama
+from conftest import make, perturb, tiny_llama
 from peftlab.errors import ConfigError
-
-
-@torch.no_grad()
-def perturb(params, scale: float = 0.1, seed: int = 7):
-    generator = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.add_(torch.randn(p.shape, generator=generator) * scale)
 
 
 def test_loraplus_param_groups_partition_the_trainable_parameters():

@@ -12,18 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make, requires_peft, tiny_llama
+from conftest import make, perturb, requires_peft, tiny_llama
 from peft_reference import compare_forward_and_input_grad, copy_adapter_weights, n_trainable_peft, peft_model
 from peftlab.errors import ConfigError
 from peftlab.methods.base import count
 from peftlab.methods.vera import SEED_KEY, VeRALayer
-
-
-@torch.no_grad()
-def perturb(params, scale: float = 0.1, seed: int = 7):
-    generator = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.add_(torch.randn(p.shape, generator=generator) * scale)
 
 
 @requires_peft
