@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import orthonormal
+from analysis_support import _seed, orthonormal  # noqa: F401  (_seed: a fixture)
 from peftlab.analysis import amplification
 
 pytestmark = pytest.mark.usefixtures("_seed")  # every test sees the same random matrices

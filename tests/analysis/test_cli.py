@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from analysis_support import _seed, rel_err  # noqa: F401  (_seed: a fixture)
 from peftlab.analysis import amplification
 from peftlab.analysis.cli import analyze_main
 

@@ -5,6 +5,8 @@ import pytest
 
 from peftlab.analysis import learn_forget_point, plot_learn_vs_forget
 
+from analysis_support import _seed  # noqa: E402,F401  (a fixture)
+
 pytestmark = pytest.mark.usefixtures("_seed")  # every test sees the same random matrices
 
 

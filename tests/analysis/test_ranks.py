@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import with_spectrum
+from analysis_support import _seed, with_spectrum  # noqa: F401  (_seed: a fixture)
 from peftlab.analysis import effective_rank, energy_rank, nominal_rank, rank_summary, singular_values, stable_rank
 
 pytestmark = pytest.mark.usefixtures("_seed")  # every test sees the same random matrices

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err, with_spectrum
+from analysis_support import _seed, rel_err, with_spectrum  # noqa: F401  (_seed: a fixture)
 from peftlab.analysis import analyze_layers, write_report
 
 pytestmark = pytest.mark.usefixtures("_seed")  # every test sees the same random matrices

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import orthonormal, with_spectrum
+from analysis_support import _seed, orthonormal, with_spectrum  # noqa: F401  (_seed: a fixture)
 from peftlab.analysis import compare_runs, subspace_similarity
 
 pytestmark = pytest.mark.usefixtures("_seed")  # every test sees the same random matrices

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rel_err, with_spectrum
+from analysis_support import _seed, rel_err, with_spectrum  # noqa: F401  (_seed: a fixture)
 from peftlab.analysis import analyze_update, nominal_rank, singular_triplets, singular_values
 
 pytestmark = pytest.mark.usefixtures("_seed")  # every test sees the same random matrices
