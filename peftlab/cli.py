@@ -12,7 +12,9 @@
 
     torchrun --nproc_per_node=N -m peftlab.cli train [overrides]   one run, data-parallel over N processes
 
-Bad input prints one line, ``error: <key>: <what is allowed>``, and exits 2.
+Bad input prints one line, ``error: <key>: <what is allowed>``, and exits 2; so does an OS
+error (``error: <path>: [Errno 28] No space left on device``) and a run dir in use by another
+process. SIGTERM / SIGINT print ``interrupted: <run dir> ...`` and exit 143 / 130.
 """
 from __future__ import annotations
 
@@ -38,6 +40,18 @@ def fail(message: str, code: int = 2) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; rank 0 says it once
         print(f"error: {message}", file=sys.stderr)
     return code
+
+
+# OS errors that stop a whole sweep (every later job would meet them too)
+SWEEP_STOPPING_ERRNOS = {28, 122, 30}  # ENOSPC, EDQUOT, EROFS
+
+
+def os_error_line(err: OSError) -> str:
+    """``<path>: [Errno N] <what the OS said>`` (and whether result.json could not be written)."""
+    where = f"{err.filename}: " if err.filename else ""
+    line = f"{where}[Errno {err.errno}] {err.strerror}"
+    unrecorded = getattr(err, "unrecorded", None)
+    return line + (f" (result.json not written either: {unrecorded})" if unrecorded else "")
 
 
 def check_overrides(overrides: list[str]) -> list[str]:
@@ -79,7 +93,7 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
     from hydra.types import RunMode
 
     from peftlab.training import distributed
-    from peftlab.training.checkpoint import finished_result
+    from peftlab.training.checkpoint import Interrupted, finished_result
     from peftlab.config import CONF_DIR
     from peftlab.training.tracking import sweep_group
     from peftlab.training.trainer import describe, run
@@ -110,6 +124,20 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
                 print(f"skip: {run_dir} (ok, same config)")
                 return
             result = run(cfg, run_dir)
+        except Interrupted as err:  # SIGTERM / SIGINT: result.json says interrupted; the sweep stops too
+            print(f"interrupted: {run_dir} at step {err.step} ({err.signal_name}); re-run the same command to resume",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(err.exit_code) from None
+        except OSError as err:
+            if err.errno is None:  # not the OS's: e.g. a model that cannot be loaded
+                if not sweeping:
+                    raise
+                print(f"error: {err} ({run_dir})", file=sys.stderr)
+                return
+            if sweeping and err.errno not in SWEEP_STOPPING_ERRNOS:
+                print(f"error: {os_error_line(err)} ({run_dir})", file=sys.stderr)
+                return
+            raise SystemExit(fail(os_error_line(err))) from None
         except ConfigError as err:
             # one bad job must not stop a sweep; its result.json says failed (a refused one keeps its ok result)
             if sweeping:
@@ -131,6 +159,9 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
     sys.argv += (["--multirun"] if multirun else []) + overrides
     try:
         _job()
+    except KeyboardInterrupt:  # SIGINT while Hydra starts, before a run installed its handlers
+        print("interrupted (SIGINT)", file=sys.stderr)
+        return 130
     except SystemExit as exit_:
         return int(exit_.code or 0)
     finally:

@@ -23,21 +23,23 @@ from peftlab.paths import CONF_DIR
 @dataclass
 class TaskConfig:
     name: str = "sentiment"
-    type: str = "classification"     # classification | lm
-    source: str = "rotten_tomatoes"  # rotten_tomatoes | hamlet | chatterbot | humaneval | arithmetic | csv | jsonl
+    type: str = "classification"     # classification | multiple_choice | lm
+    source: str = "rotten_tomatoes"  # rotten_tomatoes | hamlet | chatterbot | humaneval | arithmetic | piqa | openbookqa | commonsenseqa | siqa | csv | jsonl
     path: Optional[str] = None       # csv / jsonl file for source=csv|jsonl
     text_column: str = "text"
-    label_column: str = "label"
+    label_column: str = "label"     # classification: the class; multiple_choice: the answer's index
+    options_column: str = "options"  # multiple_choice (csv/jsonl): a list of option texts
+    passage_column: Optional[str] = None  # multiple_choice (csv/jsonl): a passage the prompt shows as {passage}
     labels: list = field(default_factory=list)      # label values in class-index order
     verbalizer: list = field(default_factory=list)  # causal LM: one word per class, e.g. [" negative", " positive"]
-    prompt: str = "{text}"           # causal LM formatting; {text} is replaced by the example's text
+    prompt: str = "{text}"           # causal LM formatting; {text} is replaced by the example's text ({passage} too for multiple_choice)
     max_length: int = 64             # tokens per example (truncation)
     validation_size: int = 500       # examples held out for validation
     test_size: int = 1000            # examples held out for test
     split_seed: int = 0              # the split is fixed by this seed, not by the run's seed
     max_train_examples: Optional[int] = None  # cap on the training split (None = all)
     max_eval_examples: Optional[int] = None   # cap on validation/test examples evaluated (None = all)
-    metric: str = "accuracy"         # classification: accuracy | f1 ; lm: perplexity
+    metric: str = "accuracy"         # classification: accuracy | f1 ; multiple_choice: acc | acc_norm ; lm: perplexity
     probes: list = field(default_factory=list)  # forgetting probes (see peftlab/tasks/probes.py)
 
 
@@ -71,6 +73,9 @@ class TrainerConfig:
     progress: bool = True
     checkpoint_every: int = 100      # steps between resumable checkpoints in run_dir/checkpoint/ (0 = off)
     overwrite: bool = False          # replace an ok result of another config in the same run dir
+    divergence_factor: float = 100.0  # diverged: loss > factor x mean of the first `window` steps ...
+    divergence_steps: int = 5        # ... for this many steps in a row (0 factor = rule off; non-finite always)
+    divergence_window: int = 10
 
 
 @dataclass
@@ -109,7 +114,7 @@ CHOICES = {
     "model.source": ("package", "hf"),
     "model.dtype": ("float32", "bfloat16"),
     "model.pooling": ("cls", "mean"),
-    "task.type": ("classification", "lm"),
+    "task.type": ("classification", "multiple_choice", "lm"),
     "optim.name": ("adamw",),
     "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"),
@@ -186,6 +191,11 @@ def check_values(run: RunConfig) -> None:
             raise ConfigError(key, f"got {value}; allowed: an integer >= 1")
     if t.checkpoint_every < 0:
         raise ConfigError("trainer.checkpoint_every", f"got {t.checkpoint_every}; allowed: an integer >= 0 (0 = off)")
+    if t.divergence_factor < 0 or (0 < t.divergence_factor <= 1):
+        raise ConfigError("trainer.divergence_factor", f"got {t.divergence_factor}; allowed: a number > 1, or 0 (off)")
+    for key in ("divergence_steps", "divergence_window"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"trainer.{key}", f"got {getattr(t, key)}; allowed: an integer >= 1")
     if t.max_steps <= 0 and t.epochs <= 0:
         raise ConfigError("trainer.max_steps", "both max_steps and epochs are <= 0; allowed: max_steps >= 1 or epochs > 0")
     if o.lr <= 0:

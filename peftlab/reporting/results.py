@@ -1,7 +1,8 @@
 """One result per run: result.json (atomic), provenance, and the adapter files.
 
 result.json fields (schema_version 1):
-  status            ok | failed | diverged;  reason: why, when not ok
+  status            ok | failed | diverged | interrupted (SIGTERM / SIGINT; train.steps = steps completed);
+                    reason: why, when not ok
   method            {name, config, summary}   model {name, path, family, kind}   task {name, type, metric}
   seed, config      the resolved Hydra config
   config_hash       sha256 of the config without keys that do not change results (peftlab/training/checkpoint.py)
@@ -39,21 +40,34 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0644 under umask 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temp file in the same folder (with the umask's mode, not mkstemp's 0600),
+    fsync, then rename over ``path``. An OS error names ``path`` (not the temp file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, default=_default)
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _default(value):

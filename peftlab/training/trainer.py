@@ -4,12 +4,20 @@
            ─► data splits ─► base model ─► task
            ─► evaluate base (validation, test)
            ─► method.apply(model) ─► optimizer over method.param_groups(...) + head
-           ─► loop: loss = task.loss + method.extra_loss ; backward ;
-                    method.after_backward ; clip ; step ; schedule ; checkpoint every N steps
+           ─► loop: loss = task.loss + method.extra_loss ; (non-finite / divergence rule) ; backward ;
+                    method.after_backward ; clip ; step ; schedule ; checkpoint every N steps and after the last
            ─► evaluate tuned ─► adapter/ + result.json
 
 A run dir that already holds an ``ok`` result of the same config is skipped; a
-failed or killed run continues from its last checkpoint (peftlab/training/checkpoint.py).
+failed, interrupted or killed run continues from its last checkpoint, which also
+holds the base evaluation (peftlab/training/checkpoint.py). The run holds the run
+dir's lock throughout, and SIGTERM / SIGINT end it as ``interrupted``.
+
+Divergence: a loss that is not finite, or one above ``trainer.divergence_factor`` × the
+mean loss of the first ``trainer.divergence_window`` steps for
+``trainer.divergence_steps`` steps in a row, ends the run ``diverged`` at that step,
+before it is applied (``train.steps``: the steps completed). ``divergence_factor=0``
+turns the second rule off.
 
 The loop knows methods only through their hooks, so every method runs
 through exactly this code: same data order, schedule, clipping and
@@ -25,6 +33,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,8 +46,9 @@ from tqdm.auto import tqdm
 
 from peftlab.training import distributed
 from peftlab.training.budget import match_budget
-from peftlab.training.checkpoint import (Checkpointer, Progress, config_hash, finished_result, load_parameters,
-                                set_rng_state, simulated_crash)
+from peftlab.training.checkpoint import (Checkpointer, Interrupted, Progress, RunLock, SignalGuard, config_hash,
+                                         finished_result, load_parameters, say, set_aside_replaced, set_rng_state,
+                                         simulated_crash)
 from peftlab.config import RunConfig, to_dict, validate
 from peftlab.errors import ConfigError
 from peftlab.memory.measure import PeakMemory
@@ -47,7 +57,7 @@ from peftlab.methods.base import count, logical_numel
 from peftlab.models.loading import load_model
 from peftlab.training.optim import build_optimizer, build_scheduler
 from peftlab.reporting.results import SCHEMA_VERSION, now, provenance, write_json_atomic
-from peftlab.tasks import build_task, load_splits
+from peftlab.tasks import build_task, head_outputs, load_splits
 from peftlab.tasks.probes import build_probes, evaluate_probes, forgetting_report
 from peftlab.tasks.base import count_tokens, to_device
 from peftlab.training.tracking import NullTracker, Tracker
@@ -101,6 +111,10 @@ class Trainer:
         self.dist, self.device = distributed.setup(pick_device(cfg.trainer.device))
         self.autocast = autocast_for(cfg.trainer.precision, self.device)
         self.budget = None  # the BudgetMatch, when cfg.budget sizes the method
+        self.signals: SignalGuard | None = None  # set by run(): SIGTERM / SIGINT end the loop at a step boundary
+        self.found = None        # (progress, state) of this config's checkpoint, read in setup()
+        self.evaluation = None   # the base evaluation, stored with every checkpoint
+        self.completed = 0       # optimizer steps completed so far
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -108,12 +122,12 @@ class Trainer:
         self.threads = set_threads(cfg.trainer.threads, self.dist.local_world_size)
         seed_everything(cfg.seed)
         splits, facts = load_splits(cfg.task)
-        num_labels = 1 + max(r.get("label", 0) for r in splits["train"])
-        self.model, self.tokenizer, self.arch = load_model(cfg.model, cfg.task.type, num_labels)
+        self.model, self.tokenizer, self.arch = load_model(cfg.model, cfg.task.type, head_outputs(cfg.task, splits))
         self.task = build_task(cfg.task, self.tokenizer, self.arch, splits, facts)
         # a checkpoint fits this config on this data (a data file may change under the same config)
         key = f"{self.config_hash}/{facts['hash']}"
-        self.checkpoints = Checkpointer(self.run_dir, key, cfg.trainer.checkpoint_every)
+        self.checkpoints = Checkpointer(self.run_dir, key, cfg.trainer.checkpoint_every, writes=self.dist.is_main)
+        self.found = self.checkpoints.load()
         self.probes = build_probes(cfg.task.probes, self.tokenizer, self.arch, cfg.task)
         if cfg.budget:  # size the method to the trainable-parameter budget (peftlab/training/budget.py)
             self.method, self.budget = match_budget(self.method, self.model, self.arch, cfg.budget)
@@ -191,7 +205,7 @@ class Trainer:
     def resume(self, optimizer, scheduler, tracker: Tracker) -> Progress:
         """Restore this config's checkpoint when run_dir has one (else start at step 0), and cut
         metrics.jsonl to the rows before the step training continues from."""
-        found = self.checkpoints.load()
+        found, self.found = self.found, None
         progress = Progress()
         if found is not None:
             progress, state = found
@@ -210,7 +224,29 @@ class Trainer:
             "method": self.method.train_state(self.model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "evaluation": self.evaluation,
         })
+
+    def divergence(self, step: int, loss: float, progress: Progress) -> str | None:
+        """The divergence rule beyond non-finite losses (see the module docstring); updates the
+        running state in ``progress`` (checkpointed, so a resumed run judges as an uninterrupted one)."""
+        t = self.cfg.trainer
+        if t.divergence_factor <= 0:
+            return None
+        if progress.early_loss_count < t.divergence_window:
+            progress.early_loss_sum += loss
+            progress.early_loss_count += 1
+            return None
+        mean = progress.early_loss_sum / progress.early_loss_count
+        if mean <= 0 or loss <= t.divergence_factor * mean:
+            progress.above = 0
+            return None
+        progress.above += 1
+        if progress.above < t.divergence_steps:
+            return None
+        return (f"loss {loss:.4g} at step {step}: above {t.divergence_factor:g} x the mean loss of the first "
+                f"{t.divergence_window} steps ({mean:.4g}) for {t.divergence_steps} steps in a row "
+                "(trainer.divergence_factor=0 turns this rule off)")
 
     def fit(self, tracker: Tracker) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
@@ -232,6 +268,11 @@ class Trainer:
         start = time.perf_counter() - progress.train_time_s
         bar = tqdm(range(progress.step, total_steps), initial=progress.step, total=total_steps,
                    desc=f"{cfg.method.name}", disable=not (t.progress and self.dist.is_main), dynamic_ncols=True)
+        watch = Progress(early_loss_sum=progress.early_loss_sum, early_loss_count=progress.early_loss_count,
+                         above=progress.above)
+        self.completed = completed = progress.step
+        if self.signals is not None:
+            self.signals.deferring = True  # a signal now ends the step in progress first
         for step in bar:
             step_loss = 0.0
             extra_value = 0.0
@@ -254,28 +295,45 @@ class Trainer:
             if not math.isfinite(loss_value):
                 status, reason = "diverged", f"loss became {loss_value} at step {step}"
                 break
+            why = self.divergence(step, loss_value, watch)
+            if why is not None:
+                status, reason = "diverged", why
+                break
             self.method.after_backward(self.model, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            self.completed = completed = step + 1
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
             if step % t.log_every == 0 or step == total_steps - 1:
-                tracker.log(step, {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "extra_loss": extra_value,
-                                   "tokens": tokens, "tokens_per_s": tokens / elapsed, "epoch": epoch, "elapsed_s": elapsed})
-            if self.dist.is_main and self.checkpoints.due(step + 1, total_steps):
-                done = Progress(step + 1, epoch, tokens, examples, loss_value, time.perf_counter() - start, widest)
+                row = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "extra_loss": extra_value,
+                       "tokens": tokens, "tokens_per_s": tokens / elapsed, "epoch": epoch, "elapsed_s": elapsed}
+                try:
+                    tracker.log(step, row)
+                except OSError as err:  # a full disk / read-only dir: name the file
+                    raise OSError(err.errno, err.strerror or str(err), str(tracker.path)) from None
+            signalled = self.signals is not None and self.signals.pending is not None
+            checkpoint = self.checkpoints.due(completed, total_steps) or (signalled and t.checkpoint_every > 0)
+            if self.dist.is_main and checkpoint:
+                done = Progress(completed, epoch, tokens, examples, loss_value, time.perf_counter() - start, widest,
+                                watch.early_loss_sum, watch.early_loss_count, watch.above)
                 self.save_checkpoint(done, optimizer, scheduler)
             simulated_crash(step)
+            if signalled:
+                bar.close()
+                raise Interrupted(self.signals.pending, completed)
+        if self.signals is not None:
+            self.signals.deferring = False
         bar.close()
         train_time = time.perf_counter() - start
         return {
             "status": status,
             "reason": reason,
             "train": {
-                "steps": step + 1 if total_steps else 0,
+                "steps": completed,  # a diverged run stops before applying the step that diverged
                 "planned_steps": total_steps,
                 "epochs": examples / max(1, len(self.task.encoded["train"])),
                 "examples": examples,
@@ -314,21 +372,37 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
     """Run one configuration end to end; always leaves a result.json in ``run_dir``.
 
     A ConfigError (bad input) is recorded as ``failed`` and re-raised before
-    anything trains; any other exception is recorded as ``failed`` and re-raised.
-    Under torchrun every rank calls this and only rank 0 writes (``run_dir``,
-    result.json, adapter/, metrics.jsonl, W&B, checkpoints). A run dir that
-    holds an ``ok`` result of this config is not run again: its stored result
-    is returned (and one of another config raises a ConfigError unless
-    ``trainer.overwrite``; see peftlab/training/checkpoint.py).
+    anything trains; any other exception is recorded as ``failed`` and re-raised;
+    SIGTERM / SIGINT are recorded as ``interrupted`` (checkpoint kept) and re-raised
+    as :class:`Interrupted`. Under torchrun every rank calls this and only rank 0
+    writes (``run_dir``, result.json, adapter/, metrics.jsonl, W&B, checkpoints).
+    The writing process holds ``run_dir``'s lock for the whole run: a second one
+    stops with :class:`RunDirInUse` before it reads or writes anything. A run dir
+    that holds an ``ok`` result of this config is not run again: its stored result
+    is returned (and one of another config, or an unreadable result.json, raises a
+    ConfigError unless ``trainer.overwrite``; see peftlab/training/checkpoint.py).
     """
     run_dir = Path(run_dir)
+    writes = distributed.from_env().is_main
+    lock = RunLock(run_dir).acquire() if writes else None
+    try:
+        with SignalGuard() as signals:
+            return _run(cfg, run_dir, writes, signals)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: DictConfig | dict, run_dir: Path, writes: bool, signals: SignalGuard) -> dict:
     finished = finished_result(cfg, run_dir)
     if finished is not None:
         log.info("skip: %s (ok, same config)", run_dir)
         return finished
-    writes = distributed.from_env().is_main
     if writes:
         run_dir.mkdir(parents=True, exist_ok=True)
+        replaced = set_aside_replaced(run_dir)  # before anything new is written (a kill leaves no old ok)
+        if replaced:
+            say(replaced)
     started = now()
     wall_start = time.perf_counter()
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -336,6 +410,7 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
     result: dict = {"schema_version": SCHEMA_VERSION, "status": "failed", "reason": "did not finish", "run_dir": str(run_dir),
                     "config": raw, "seed": raw.get("seed")}
     tracker = None
+    trainer = None
     try:
         if writes:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(raw)), encoding="utf-8")
@@ -345,6 +420,7 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
         result["method"] = {"name": run_cfg.method.name, "config": asdict(run_cfg.method)}
         result["task"] = {"name": run_cfg.task.name, "type": run_cfg.task.type, "metric": run_cfg.task.metric}
         trainer = Trainer(run_cfg, run_dir)
+        trainer.signals = signals
         trainer.setup()
         result["distributed"] = trainer.dist.describe()
         if trainer.budget is not None:  # setup chose the method's size: record it and the config that really runs
@@ -354,9 +430,14 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
         result["model"] = {"name": arch.name, "path": arch.path, "family": arch.family, "kind": arch.kind}
         result["data"] = trainer.task.facts
         result["task"]["metric"] = trainer.task.metric_name
-        per_example: dict = {}  # predictions.json: what each evaluation predicted per example (classification)
-        before = take_predictions(trainer.evaluate(), per_example, "before") if run_cfg.trainer.eval_before else None
-        probes_before = trainer.evaluate_probes() if run_cfg.trainer.eval_before else None
+        stored = (trainer.found[1].get("evaluation") if trainer.found is not None else None) or None
+        if stored is not None:  # the checkpoint holds the base evaluation: not repeated
+            before, probes_before, per_example = stored["before"], stored["probes_before"], stored["per_example"]
+        else:
+            per_example: dict = {}  # predictions.json: what each evaluation predicted per example (classification)
+            before = take_predictions(trainer.evaluate(), per_example, "before") if run_cfg.trainer.eval_before else None
+            probes_before = trainer.evaluate_probes() if run_cfg.trainer.eval_before else None
+        trainer.evaluation = plain({"before": before, "probes_before": probes_before, "per_example": per_example})
         trainer.apply_method()
         result["params"] = trainer.parameter_counts()
         tracker = Tracker(run_cfg.logger, run_dir, result["config"], name=run_dir.name) if writes else NullTracker()
@@ -375,12 +456,28 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
         tracker.summary(summary_line(result))
         result["provenance"] = provenance(trainer.device, started)
     except BaseException as err:  # recorded, then re-raised for the caller
-        result["status"] = "failed"
-        result["reason"] = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+        if isinstance(err, KeyboardInterrupt):  # SIGINT before the guard was installed / outside the main thread
+            err = Interrupted(2)
+        if isinstance(err, Interrupted):
+            if err.step is None:
+                err.step = trainer.completed if trainer is not None else 0
+            result["status"] = "interrupted"
+            kept = trainer is not None and trainer.checkpoints.path.exists()
+            result["reason"] = f"{err.signal_name} at step {err.step}" + (
+                "; checkpoint kept, a re-run resumes from it" if kept else "; no checkpoint, a re-run starts at step 0")
+            result.setdefault("train", {})["steps"] = err.step
+        else:
+            result["status"] = "failed"
+            result["reason"] = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
         result.setdefault("provenance", provenance(torch.device("cpu"), started))
         result["wall_time_s"] = time.perf_counter() - wall_start
         if writes:
-            write_json_atomic(run_dir / "result.json", result)
+            try:
+                write_json_atomic(run_dir / "result.json", result)
+            except OSError as second:  # a full disk / read-only dir: the first error is the one to report
+                err.unrecorded = str(second)
+        if err is not sys.exc_info()[1]:
+            raise err from None
         raise
     finally:
         if tracker is not None:
@@ -390,6 +487,15 @@ def run(cfg: DictConfig | dict, run_dir: Path) -> dict:
         write_json_atomic(run_dir / "result.json", result)
         trainer.checkpoints.remove()  # finished (ok or diverged): a re-run has nothing to continue
     return result
+
+
+def plain(value):
+    """``value`` as JSON types (numpy / torch scalars become floats), which a weights_only checkpoint loads."""
+    import json
+
+    from peftlab.reporting.results import _default
+
+    return json.loads(json.dumps(value, default=_default))
 
 
 def take_predictions(metrics: dict, per_example: dict, when: str) -> dict:
@@ -409,12 +515,15 @@ def estimate_for(cfg: RunConfig, device: torch.device, world_size: int = 1) -> d
     from peftlab.memory.estimate import estimate
 
     preset_or_path = cfg.model.name if cfg.model.source == "package" else cfg.model.path
+    batch = math.ceil(cfg.trainer.batch_size / world_size)
     try:
+        # the facts of this run, as `peftlab estimate` assumes them (peftlab/memory/cli.py): its task's
+        # loss, and batches padded to their longest example when they hold several (a batch of one never is)
         est = estimate(
-            preset_or_path, cfg.method.name, asdict(cfg.method), batch_size=math.ceil(cfg.trainer.batch_size / world_size),
+            preset_or_path, cfg.method.name, asdict(cfg.method), batch_size=batch,
             seq_len=cfg.task.max_length, precision=cfg.trainer.precision,
             gradient_checkpointing=cfg.trainer.gradient_checkpointing, optimizer=cfg.optim.name,
-            weights_dtype=cfg.model.dtype, device=device.type, task=cfg.task.type,
+            weights_dtype=cfg.model.dtype, device=device.type, task=cfg.task.type, padded=batch > 1,
         )
     except Exception as err:  # an estimate is a convenience: say why it is missing
         return {"error": f"{type(err).__name__}: {err}"}
