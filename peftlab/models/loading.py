@@ -189,6 +189,9 @@ def _pass_mask_to_pooler(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
     encoder.pooler.mask = call_kwargs(encoder, args, kwargs).get("attention_mask")
 
 
+ENCODER_TASK_TYPES = ("classification", "multiple_choice")  # a head over the pooled text, or over each option
+
+
 def load_model(cfg: ModelConfig, task_type: str = "classification", num_labels: int = 2):
     """(model, tokenizer, Arch). Encoders get a fresh classification head (over the pooled [CLS], or
     the masked mean of the tokens with ``pooling=mean``); causal LMs keep theirs."""
@@ -198,7 +201,7 @@ def load_model(cfg: ModelConfig, task_type: str = "classification", num_labels: 
     hf_logging.set_verbosity_error()  # the load report lists the new head; Arch.head_parameters records it
     hf_logging.disable_progress_bar()
     location = model_location(cfg)
-    if cfg.kind == "encoder" and task_type != "classification":
+    if cfg.kind == "encoder" and task_type not in ENCODER_TASK_TYPES:
         raise ConfigError("task", f"task type {task_type!r} needs a causal LM; model {cfg.name!r} is an encoder")
     try:
         if cfg.kind == "encoder":

@@ -7,8 +7,16 @@ from peftlab.tasks.base import Task
 from peftlab.tasks.classification import ClassificationTask
 from peftlab.tasks.data import load_splits
 from peftlab.tasks.lm import LMTask
+from peftlab.tasks.multiple_choice import MultipleChoiceTask
 
-TASK_TYPES = {"classification": ClassificationTask, "lm": LMTask}
+TASK_TYPES = {"classification": ClassificationTask, "multiple_choice": MultipleChoiceTask, "lm": LMTask}
+
+
+def head_outputs(cfg: TaskConfig, splits: dict[str, list[dict]]) -> int:
+    """Outputs of an encoder's fresh head: one per class, or one score per (context, option) pair."""
+    if cfg.type == "multiple_choice":
+        return 1
+    return 1 + max(r.get("label", 0) for r in splits["train"])
 
 
 def build_task(cfg: TaskConfig, tokenizer, arch, splits=None, facts=None) -> Task:
@@ -19,4 +27,4 @@ def build_task(cfg: TaskConfig, tokenizer, arch, splits=None, facts=None) -> Tas
     return TASK_TYPES[cfg.type](cfg, tokenizer, arch, splits, facts)
 
 
-__all__ = ["Task", "build_task", "load_splits", "TASK_TYPES"]
+__all__ = ["Task", "build_task", "head_outputs", "load_splits", "TASK_TYPES"]

