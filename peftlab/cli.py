@@ -18,6 +18,7 @@ process. SIGTERM / SIGINT print ``interrupted: <run dir> ...`` and exit 143 / 13
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -43,7 +44,7 @@ def fail(message: str, code: int = 2) -> int:
 
 
 # OS errors that stop a whole sweep (every later job would meet them too)
-SWEEP_STOPPING_ERRNOS = {28, 122, 30}  # ENOSPC, EDQUOT, EROFS
+SWEEP_STOPPING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def os_error_line(err: OSError) -> str:
@@ -87,6 +88,32 @@ def check_overrides(overrides: list[str]) -> list[str]:
     return overrides
 
 
+def unwritable_output(overrides: list[str], multirun: bool) -> str | None:
+    """One line when the run dir (sweep dir) Hydra is about to create, or its nearest existing
+    parent, cannot be written: Hydra would fail in os.makedirs or its log-file handler with a
+    traceback before peftlab runs. None when it can (or the dir cannot be resolved here)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from peftlab.config import CONF_DIR
+
+    plain = [o for o in overrides if "," not in o.partition("=")[2]]  # sweep values: the dir rarely depends on them
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=plain, return_hydra_config=True)
+        target = Path(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
+    except Exception:
+        return None
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return None
+    why = "not a directory" if not existing.is_dir() else "not writable"
+    return f"{target}: [Errno {errno.EACCES if existing.is_dir() else errno.ENOTDIR}] " + (
+        "Permission denied" if existing.is_dir() else "Not a directory") + f" ({existing} is {why})"
+
+
 def train_main(argv: list[str], experiment: str | None = None) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -112,6 +139,10 @@ def train_main(argv: list[str], experiment: str | None = None) -> int:
         return fail(str(err))
     if not ranks.is_main:
         overrides += QUIET_HYDRA
+    else:
+        problem = unwritable_output(overrides, multirun)
+        if problem:
+            return fail(problem)
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _job(cfg) -> None:
