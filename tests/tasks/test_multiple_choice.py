@@ -48,19 +48,6 @@ def test_commonsenseqa_answers_lose_the_misplaced_question_mark():
     assert not any(o.endswith("?") for s in splits.values() for r in s for o in r["options"])
 
 
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
-    from peftlab.models.loading import model_location
-    from peftlab.config import compose as compose_cfg
-
-    cfg = validate(compose_cfg(["model=smollm2-135m"])).model
-    from peftlab.models.loading import load_tokenizer
-
-    return load_tokenizer(model_location(cfg), cfg)
-
-
 def tiny_causal(vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 

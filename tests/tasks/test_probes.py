@@ -113,10 +113,15 @@ def test_forgetting_sign_convention():
                                            "metric": "loss", "higher_is_better": False}
     assert report["probes"]["retrieval"]["forgetting"] == pytest.approx(0.25)  # recall fell: forgotten
     assert report["probes"]["retrieval"]["higher_is_better"] is True
-    assert report["mean"] == pytest.approx(0.375)
+    # each family is averaged on its own (a loss and a recall have no common unit); the headline
+    # mean is the LM-loss family's when there is one
+    assert report["means"] == pytest.approx({"loss": 0.5, "recall@1": 0.25})
+    assert report["mean"] == pytest.approx(0.5)
+    only_recall = forgetting_report([recall_probe], before={"retrieval": 0.75}, after={"retrieval": 0.5})
+    assert only_recall["mean"] == pytest.approx(0.25)
     improved = forgetting_report([loss_probe], before={"english": 2.0}, after={"english": 1.5})
     assert improved["mean"] == pytest.approx(-0.5)  # lower loss after: negative forgetting
-    assert forgetting_report([loss_probe], before={}, after={}) == {"probes": {}, "mean": None}
+    assert forgetting_report([loss_probe], before={}, after={}) == {"probes": {}, "means": {}, "mean": None}
 
 
 def test_unknown_probe_name_is_a_config_error(tokenizer):
@@ -166,3 +171,32 @@ def test_evaluate_probes_runs_inside_autocast_in_eval_mode(tokenizer):
 
     evaluate_probes(model, probes, CPU, autocast, batch_size=32)
     assert seen == [False] and model.training
+
+
+def test_multiple_choice_probes_score_fixed_questions_like_the_task(smollm2_tokenizer):
+    """acc_norm over MAX_CHOICES fixed questions of each set, with its task's prompt; skipped for
+    encoders and for a task that trains on that set."""
+    from peftlab.tasks.probes import MAX_CHOICES, MultipleChoiceProbe
+
+    names = ["piqa", "openbookqa", "commonsenseqa", "siqa"]
+    probes = build_probes(["english", *names], smollm2_tokenizer, CAUSAL, SENTIMENT)
+    assert [p.name for p in probes] == ["english", *names]
+    assert all(len(p) == MAX_CHOICES and p.metric == "acc_norm" and p.higher_is_better for p in probes[1:])
+    again = build_probes(names, smollm2_tokenizer, CAUSAL, SENTIMENT)
+    assert [p.task.splits["probe"] for p in again] == [p.task.splits["probe"] for p in probes[1:]]  # fixed
+    assert probes[4].task.cfg.prompt == "Q: {passage} {text}\nA:"  # the set's own prompt
+    assert build_probes(names, smollm2_tokenizer, ENCODER, SENTIMENT) == []
+    piqa_task = TaskConfig(name="piqa", type="multiple_choice", source="piqa")
+    assert [p.name for p in build_probes(names, smollm2_tokenizer, CAUSAL, piqa_task)] == names[1:]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=256))
+    probe = probes[2]
+    assert isinstance(probe, MultipleChoiceProbe)
+    value = evaluate_probes(model, [probe], CPU, contextlib.nullcontext, 16)["openbookqa"]
+    expected = probe.task.evaluate_batches(model.eval(), iter([probe.task.collate(probe.task.encoded["probe"])]))
+    assert value == pytest.approx(expected["acc_norm"]) and 0 <= value <= 1
+
