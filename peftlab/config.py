@@ -8,7 +8,6 @@ the method's own ``config_class`` (looked up by ``method.name``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +25,8 @@ class TaskConfig:
     type: str = "classification"     # classification | multiple_choice | lm
     source: str = "rotten_tomatoes"  # rotten_tomatoes | hamlet | chatterbot | humaneval | arithmetic | piqa | openbookqa | commonsenseqa | siqa | csv | jsonl
     path: Optional[str] = None       # csv / jsonl file for source=csv|jsonl
+    delimiter: Optional[str] = None  # csv: the field separator (None: tab for .tsv files, else a comma)
+    encoding: str = "utf-8"          # csv / jsonl: the file's text encoding
     text_column: str = "text"
     label_column: str = "label"     # classification: the class; multiple_choice: the answer's index
     options_column: str = "options"  # multiple_choice (csv/jsonl): a list of option texts

@@ -36,11 +36,10 @@ from torch import nn
 from peftlab.errors import ConfigError
 from peftlab.models.signature import call_kwargs
 from peftlab.methods.base import Method, MethodConfig, check_int_range, freeze, is_meta
-from peftlab.models.targets import family_of
+from peftlab.models.targets import family_of, position_limit
 
 INITS = ("vocab", "text", "random")
 SERVED_FAMILIES = ("llama", "bert", "gpt2")
-ABSOLUTE_POSITION_FAMILIES = ("bert", "gpt2")  # learned position tables: n + T must fit
 
 
 # --------------------------------------------------------------------------- #
@@ -61,16 +60,9 @@ def check_servable(model: nn.Module, arch: Any, method: str) -> str:
     return family
 
 
-def max_positions(model: nn.Module) -> int | None:
-    """Length limit of a learned absolute position table (BERT, GPT-2); None for RoPE models."""
-    if family_of(model) not in ABSOLUTE_POSITION_FAMILIES:
-        return None
-    return getattr(model.config, "max_position_embeddings", None)
-
-
 def check_positions(model: nn.Module, num_virtual: int, length: int | None) -> None:
     """n virtual tokens shift the real ones by n: n + T must fit an absolute position table."""
-    limit = max_positions(model)
+    limit = position_limit(model)  # n + T must fit a learned position table
     if limit is None:
         return
     total = num_virtual + (length or 0)

@@ -27,7 +27,7 @@ from torch import nn
 from peftlab.errors import ConfigError
 from peftlab.paths import CONF_DIR
 from peftlab.models.signature import call_kwargs
-from peftlab.models.targets import family_of
+from peftlab.models.targets import family_of, position_limit
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -57,6 +57,7 @@ class Arch:
     head_parameters: list[str] = field(default_factory=list)  # newly initialized: trained by every method
     num_layers: int = 0
     hidden_size: int = 0
+    max_positions: Optional[int] = None  # a learned position table's length (BERT, GPT-2); None for RoPE
 
 
 def package_dir(package: str, subdir: str = "") -> Path:
@@ -224,6 +225,7 @@ def load_model(cfg: ModelConfig, task_type: str = "classification", num_labels: 
         head_parameters=head,
         num_layers=getattr(config, "num_hidden_layers", getattr(config, "n_layer", 0)),
         hidden_size=getattr(config, "hidden_size", getattr(config, "n_embd", 0)),
+        max_positions=position_limit(model),
     )
     return model, tokenizer, arch
 

@@ -70,6 +70,17 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
+ABSOLUTE_POSITION_FAMILIES = ("bert", "gpt2")  # learned position tables, cut at max_position_embeddings
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """Length limit of a learned absolute position table (BERT, GPT-2); None for RoPE models."""
+    if family_of(model) not in ABSOLUTE_POSITION_FAMILIES:
+        return None
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def family_of(model: nn.Module) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     return MODEL_TYPE_FAMILY.get(model_type, "other")

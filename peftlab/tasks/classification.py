@@ -27,7 +27,13 @@ class ClassificationTask(Task):
         if cfg.metric not in METRICS:
             raise ConfigError("task.metric", f"got {cfg.metric!r}; allowed for classification: {', '.join(METRICS)}")
         self.metric_name = cfg.metric
-        self.num_labels = 1 + max(r["label"] for r in splits["train"])
+        every = [r["label"] for records in splits.values() for r in records]
+        self.num_labels = len(cfg.labels) or 1 + max(every)
+        trained = sorted({r["label"] for r in splits["train"]})
+        if len(trained) < 2:
+            names = [cfg.labels[i] if i < len(cfg.labels) else i for i in trained]
+            raise ConfigError("task.label_column", f"the training split holds one class ({names}); a classifier "
+                              "cannot learn from it; allowed: data with at least two classes")
         self.causal = arch.kind == "causal"
         if self.causal:
             self.label_tokens = self._label_tokens()

@@ -128,13 +128,32 @@ def tabular(cfg: TaskConfig) -> list[dict]:
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise ConfigError("task.path", f"{path} does not exist")
+    compressed = path.suffix in (".bz2", ".gz")
     opener = bz2.open if path.suffix == ".bz2" else gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
+    inner_suffix = Path(path.stem).suffix if compressed else path.suffix
+    delimiter = cfg.delimiter or ("\t" if inner_suffix == ".tsv" else ",")
+    try:
+        with opener(path, "rt", encoding=cfg.encoding) as handle:
+            text = handle.read()
+    except LookupError:
+        raise ConfigError("task.encoding", f"unknown encoding {cfg.encoding!r}; allowed: a Python codec name "
+                          "such as utf-8, latin-1") from None
+    except (UnicodeDecodeError, OSError, EOFError) as err:
+        raise ConfigError("task.path", f"{path} cannot be read as {cfg.encoding} text: {err}") from None
+    rows = []
+    if cfg.source == "jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ConfigError("task.path", f"{path}:{number} is not valid JSON: {err.msg} "
+                                      f"(column {err.colno})") from None
+    else:
         try:
-            rows = [json.loads(line) for line in handle if line.strip()] if cfg.source == "jsonl" \
-                else list(csv.DictReader(io.StringIO(handle.read())))
-        except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as err:
-            raise ConfigError("task.path", f"{path} is not valid {cfg.source}: {err}") from None
+            rows = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+        except csv.Error as err:
+            raise ConfigError("task.path", f"{path} is not valid csv (delimiter {delimiter!r}): {err}") from None
     if not rows:
         raise ConfigError("task.path", f"{path} holds no rows")
     keys = {"task.text_column": cfg.text_column}
@@ -214,7 +233,7 @@ def deduplicate(records: list[dict]) -> list[dict]:
     unique = []
     for r in records:
         key = example_key(r)
-        if key in seen or len(labels[key]) > 1 or not r["text"]:
+        if key in seen or len(labels[key]) > 1 or not str(r["text"]).strip():
             continue
         seen.add(key)
         unique.append(r)
@@ -253,6 +272,7 @@ def load_splits(cfg: TaskConfig) -> tuple[dict[str, list[dict]], dict]:
     if cfg.source not in SOURCES:
         raise ConfigError("task.source", f"unknown source {cfg.source!r}; allowed: {', '.join(SOURCES)}")
     records = SOURCES[cfg.source](cfg)
+    empty = sum(1 for r in records if not str(r["text"]).strip())
     unique = deduplicate(records)
     splits = split(unique, cfg.validation_size, cfg.test_size, cfg.split_seed)
     if cfg.max_train_examples:
@@ -262,6 +282,7 @@ def load_splits(cfg: TaskConfig) -> tuple[dict[str, list[dict]], dict]:
         "hash": content_hash(splits),
         "sizes": {k: len(v) for k, v in splits.items()},
         "raw_examples": len(records),
-        "duplicates_removed": len(records) - len(unique),
+        "duplicates_removed": len(records) - len(unique) - empty,
+        "empty_removed": empty,  # examples whose text is empty (or white space): dropped, not trained on
     }
     return splits, facts

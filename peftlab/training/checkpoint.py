@@ -71,7 +71,9 @@ HASH_EXCLUDED = ("out_dir", "logger", "study", "trainer.progress", "trainer.thre
 # Keys added after runs were committed, left out while they hold the value those runs had: a
 # committed run re-run with today's code keeps its hash (is skipped, not refused).
 HASH_EXCLUDED_AT_DEFAULT = {"model.pooling": "cls", "trainer.divergence_factor": 100.0,
-                            "trainer.divergence_steps": 5, "trainer.divergence_window": 10}
+                            "trainer.divergence_steps": 5, "trainer.divergence_window": 10,
+                            "task.options_column": "options", "task.passage_column": None,
+                            "task.delimiter": None, "task.encoding": "utf-8"}
 FAIL_AT_STEP_ENV = "PEFTLAB_FAIL_AT_STEP"
 KILLED_EXIT_CODE = 137  # what a shell reports for a process killed with SIGKILL
 

@@ -98,12 +98,15 @@ def test_pooling_bad_input_names_the_key():
 
 def test_default_pooling_keeps_earlier_config_hashes():
     """Runs committed before model.pooling existed must keep their hash (re-runs skip them)."""
-    from peftlab.training.checkpoint import HASH_EXCLUDED, config_hash
+    from peftlab.training.checkpoint import HASH_EXCLUDED, HASH_EXCLUDED_AT_DEFAULT, config_hash
     from peftlab.config import to_dict
 
     cls_run = validate(compose(["model=minilm"]))
     stored = to_dict(cls_run)
     stored["model"].pop("pooling")  # what a run written before the key existed hashed
+    for dotted in HASH_EXCLUDED_AT_DEFAULT:  # and every key added since at its default
+        group, _, key = dotted.partition(".")
+        stored[group].pop(key, None)
     for dotted in HASH_EXCLUDED:
         group, _, key = dotted.partition(".")
         if key:
@@ -113,3 +116,7 @@ def test_default_pooling_keeps_earlier_config_hashes():
     canonical = json.dumps(stored, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     assert config_hash(cls_run) == hashlib.sha256(canonical.encode()).hexdigest()
     assert config_hash(validate(compose(["model=minilm", "model.pooling=mean"]))) != config_hash(cls_run)
+    # the hashes committed runs were written with (git bfdb0eb): a new key at its default changes neither
+    assert config_hash(cls_run) == "4ed7822a793e700ffc140573e193ea115da24372b503ec0ba88cc9131e0ada79"
+    lm_run = validate(compose(["model=smollm2-135m", "method=dora", "task=lm"]))
+    assert config_hash(lm_run) == "2a3786ad64e4fff068d3c518422e12f688a0ce3eea5fd0ff148580959e412809"
