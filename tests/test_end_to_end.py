@@ -87,3 +87,12 @@ def test_lora_learns_sentiment_on_minilm(tmp_path):
     before = result["metrics"]["before"]["test"]["accuracy"]
     after = result["metrics"]["after"]["test"]["accuracy"]
     assert after > max(before, 0.62) + 0.03, (before, after)
+
+
+@pytest.mark.parametrize("model", ["minilm", "smollm2-135m"])
+def test_boolq_sentence_pairs_on_both_model_kinds(tmp_path, model):
+    cfg = compose([f"model={model}", "task=boolq", "method=lora", "trainer.max_steps=2", "trainer.batch_size=4",
+                   "task.max_length=64", "task.max_eval_examples=8", "trainer.progress=false"])
+    result = check_result(run(cfg, tmp_path), tmp_path)
+    assert result["data"]["sizes"]["test"] == 3270 and result["data"]["given_splits"] == ["test", "train"]
+    assert result["metrics"]["after"]["test"]["n"] == 8

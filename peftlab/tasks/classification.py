@@ -1,7 +1,10 @@
 """Text classification on an encoder (a fresh head) or a causal LM (a verbalized prompt).
 
-Encoder: ``logits = head(encoder(text))``, cross-entropy over the classes.
-Causal LM: the prompt (``task.prompt`` with ``{text}``) is followed by the
+Encoder: ``logits = head(encoder(text))``, cross-entropy over the classes; a text pair
+(``task.text_column: [first, second]``) is the tokenizer's pair encoding, ``[CLS] first [SEP]
+second [SEP]`` with ``token_type_ids`` where the model has them, the longer side cut first.
+Causal LM: the prompt (``task.prompt`` with ``{text}``; for a pair, its column names such as
+``{passage}`` / ``{question}``, or ``{text}`` / ``{pair}``, the longest field cut to fit) is followed by the
 label word (``task.verbalizer[label]``, one token each). Training is plain
 next-token cross-entropy on that word; prediction compares the label words'
 logits at the last prompt position, so accuracy means the same thing for both.
@@ -56,13 +59,36 @@ class ClassificationTask(Task):
     def encode(self, record: dict):
         max_length = self.cfg.max_length
         if not self.causal:
-            enc = self.tokenizer(record["text"], truncation=True, max_length=max_length)
+            texts = (record["text"], record["pair"]) if "pair" in record else (record["text"],)
+            enc = self.tokenizer(*texts, truncation="longest_first", max_length=max_length)
             return enc["input_ids"], enc.get("token_type_ids"), record["label"]
-        budget = max_length - len(self.tail_ids) - 1
-        head = self.tokenizer(self.head_text + record["text"])["input_ids"][:budget]
-        prompt = head + self.tail_ids
+        if "pair" in record:
+            prompt = self.pair_prompt(record)
+        else:
+            budget = max_length - len(self.tail_ids) - 1
+            prompt = self.tokenizer(self.head_text + record["text"])["input_ids"][:budget] + self.tail_ids
         # input = prompt + label word; the logits at the last prompt position predict the word
         return prompt + [self.label_tokens[record["label"]]], len(prompt) - 1, record["label"]
+
+    def pair_prompt(self, record: dict) -> list[int]:
+        """The prompt's token ids for a text pair: every field filled in, the longest one cut so that
+        the prompt and the label word fit ``task.max_length``."""
+        fields = {"text": record["text"], "pair": record["pair"], **record.get("fields", {})}
+        used = [name for name in fields if "{" + name + "}" in self.cfg.prompt]
+        if not used:
+            raise ConfigError("task.prompt", f"{self.cfg.prompt!r} names no field of the pair; allowed: "
+                              f"{', '.join('{' + n + '}' for n in fields)}")
+        cut = max(used, key=lambda name: len(fields[name]))
+        head, _, tail = self.cfg.prompt.partition("{" + cut + "}")
+        try:
+            head_ids = self.tokenizer(head.format(**fields))["input_ids"]
+            tail_ids = self.tokenizer(tail.format(**fields), add_special_tokens=False)["input_ids"]
+        except KeyError as err:
+            raise ConfigError("task.prompt", f"names {err} that no example has; allowed: "
+                              f"{', '.join('{' + n + '}' for n in fields)}") from None
+        value_ids = self.tokenizer(fields[cut], add_special_tokens=False)["input_ids"]
+        budget = self.cfg.max_length - len(head_ids) - len(tail_ids) - 1
+        return head_ids + value_ids[:max(budget, 0)] + tail_ids
 
     def collate(self, examples):
         if not self.causal:

