@@ -16,10 +16,26 @@ Keys read (everything else in a known group is accepted and ignored, as it does 
     method, method.<key>  any method key; method.base_quant (none|nf4|fp4|int8), method.double_quant
     trainer.batch_size, trainer.precision (fp32|bf16|fp16), trainer.gradient_checkpointing,
     trainer.device (cuda|cpu|auto), task.max_length, optim.name (adamw|adamw8bit), mode (train|inference)
-    task (lm | sentiment) or task.type (lm | classification): the loss over every position, or one
+    task (a conf/task/*.yaml name) or task.type (lm | classification): the loss over every position, or one
     estimate.kv_cache_len, estimate.attention (auto|sdpa|math|eager), estimate.overhead_gb,
     estimate.master_weights, estimate.padded (batches carry padding), estimate.cpu_heap_slack
     (false when glibc returns freed tensors to the OS: MALLOC_MMAP_THRESHOLD_=131072)
+
+What is not given is what ``peftlab train`` with the same overrides would run (:func:`run_defaults`):
+conf/config.yaml's groups (model minilm, task sentiment, method lora, trainer default, optim adamw),
+the task's ``type`` and ``max_length`` from conf/task/<task>.yaml, the trainer's batch size,
+precision, checkpointing and device from conf/trainer/<trainer>.yaml, and the stored base's dtype
+from conf/model/<model>.yaml where the model has one (``float32`` for minilm, smollm2-135m and hf:
+``trainer.precision=bf16`` is then autocast, as in training; presets without a conf file store the
+base in the compute dtype).
+
+Padding (``estimate.padded``, default ``auto``): peftlab pads every batch to its longest example and
+passes the attention mask (peftlab/tasks/base.py ``pad``); transformers then gives SDPA the mask and
+repeats grouped-query K/V, unless no row is padded. ``auto`` assumes a batch of several examples is
+padded (sentiment snippets vary in length; lm texts are cut into pieces of max_length but each text's
+last piece is shorter) and a batch of one is not. Where every example is longer than max_length
+(truncated classification texts, lm pieces all cut from long texts) no batch is padded: pass
+``estimate.padded=false`` (the padded estimate is the larger one, so ``auto`` errs on the safe side).
 """
 from __future__ import annotations
 
@@ -34,14 +50,52 @@ import yaml
 
 from peftlab.errors import ConfigError
 from peftlab.memory.estimate import GB, GiB, PARTS, Estimate, estimate
+from peftlab.paths import CONF_DIR
 
-# Defaults of conf/config.yaml (model minilm, task sentiment, method lora, trainer default, optim adamw).
-DEFAULTS: dict[str, Any] = {
-    "model": "minilm", "method": "lora", "trainer.batch_size": 32, "task.max_length": 64,
-    "trainer.precision": "fp32", "trainer.gradient_checkpointing": False, "trainer.device": "auto",
-    "optim.name": "adamw", "mode": "train",
+# Keys the estimate reads, by where ``peftlab train`` takes their defaults from (run_defaults).
+RUN_KEYS = {
+    "task": ("type", "max_length"),
+    "trainer": ("batch_size", "precision", "gradient_checkpointing", "device"),
+    "optim": ("name",),
+    "model": ("dtype",),
 }
-TASK_TYPES = {"lm": "lm", "sentiment": "classification"}  # conf/task/*.yaml: type
+
+
+def _conf(path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def _choices() -> dict[str, str]:
+    """{group: option} of conf/config.yaml's defaults list (model minilm, task sentiment, ...)."""
+    out = {}
+    for entry in _conf(CONF_DIR / "config.yaml").get("defaults", []):
+        if isinstance(entry, dict):
+            out.update({str(k): str(v) for k, v in entry.items()})
+    return out
+
+
+def run_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """What ``peftlab train`` composes for the keys the estimate reads, given these overrides:
+    the groups of conf/config.yaml, then each chosen group's own file (conf/<group>/<option>.yaml).
+    A model without a conf file (an architecture preset, llama-2-7b) keeps no ``model.dtype``."""
+    choices = {**_choices(), **{g: str(values[g]) for g in ("model", "method", "task", "trainer", "optim")
+                                if values.get(g) is not None}}
+    out: dict[str, Any] = {"model": choices.get("model", "minilm"), "method": choices.get("method", "lora"),
+                           "task": choices.get("task", "sentiment"), "mode": "train"}
+    for group, keys in RUN_KEYS.items():
+        path = CONF_DIR / group / f"{choices.get(group)}.yaml"
+        if not path.is_file():
+            if group == "task":  # peftlab train could not compose it either
+                allowed = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
+                raise ConfigError("task", f"unknown task {choices.get(group)!r}; allowed: {', '.join(allowed)} "
+                                  "(a task of one's own: task.source=csv|jsonl, task.path=..., task.type=...)")
+            continue
+        conf = _conf(path)
+        out.update({f"{group}.{key}": conf[key] for key in keys if key in conf})
+    return out
+
+
+DEFAULTS: dict[str, Any] = run_defaults({})  # peftlab train's defaults: model minilm, task sentiment, method lora
 GROUPS = ("model", "method", "task", "trainer", "optim", "logger", "experiment", "estimate", "hydra",
           "mode", "seed", "out_dir")
 
@@ -71,7 +125,7 @@ def _bool(key: str, value: Any) -> bool:
 
 def build_estimate(values: dict[str, Any], device_hint: str | None = None) -> Estimate:
     """Call :func:`peftlab.memory.estimate.estimate` with the values of parsed overrides."""
-    v = {**DEFAULTS, **values}
+    v = {**run_defaults(values), **values}
     model = v["model"]
     if model == "hf" or "model.path" in v:
         model = v.get("model.path")
@@ -101,11 +155,20 @@ def build_estimate(values: dict[str, Any], device_hint: str | None = None) -> Es
         weights_dtype=v.get("model.dtype"),
         master_weights=_bool("estimate.master_weights", v.get("estimate.master_weights", True)),
         device=str(device), attention=str(v.get("estimate.attention", "auto")),
-        task=str(v.get("task.type") or TASK_TYPES.get(str(v.get("task")), "auto")),
-        padded=_bool("estimate.padded", v.get("estimate.padded", False)),
+        task=str(v.get("task.type") or "auto"),
+        padded=_padded(v),
         overhead_bytes=None if overhead_gb is None else int(overhead_gb * GiB),
         heap_slack=_bool("estimate.cpu_heap_slack", v.get("estimate.cpu_heap_slack", True)),
     )
+
+
+def _padded(v: dict[str, Any]) -> bool:
+    """``estimate.padded``: true, false, or auto (the default): padded when a batch holds several examples."""
+    value = v.get("estimate.padded", "auto")
+    if value == "auto":
+        batch = v["trainer.batch_size"]
+        return not isinstance(batch, int) or batch > 1
+    return _bool("estimate.padded", value)
 
 
 def _method_fields(method: Any) -> set[str]:
@@ -184,5 +247,5 @@ def estimate_main(argv: list[str], measure: Callable[[list[str], str], dict | in
     return 0
 
 
-__all__ = ["DEFAULTS", "PARTS", "build_estimate", "estimate_main", "parse_overrides"]
+__all__ = ["DEFAULTS", "PARTS", "build_estimate", "estimate_main", "parse_overrides", "run_defaults"]
 

@@ -43,7 +43,13 @@ cpu runtime        CPU training: what a process gains on its first steps that is
                    pages of the kernels libtorch reads in on first use, threads' scratch): a
                    constant ``CPU_RUNTIME``, measured as the RSS growth of steps whose tensors are
                    negligible (minilm, batch 2 × 8) and as what is left over the tensor peak when
-                   glibc returns freed tensors to the OS.
+                   glibc returns freed tensors to the OS. With 16-bit compute (bf16 autocast)
+                   oneDNN JIT-compiles its matmul kernels into anonymous memory on first use:
+                   + ``CPU_LOWP_RUNTIME_BASE`` (10 MiB) + ``CPU_LOWP_RUNTIME_PER_SHAPE`` (2 MiB)
+                   per distinct linear shape of the base (minilm 1 × 32 bf16: 5.4 MiB of tensors
+                   by the profiler, 50 MiB of RSS growth, 28 MiB in fp32). Each new batch width
+                   compiles again (~2 MiB per shape), so a long bf16 run on CPU with many widths
+                   grows past this (up to oneDNN's primitive cache, 1024 kernels).
 cpu heap slack     CPU training with glibc's default allocator: it serves tensors under 32 MiB from
                    its heap and keeps what they free resident, for reuse; a freed tensor leaves a
                    hole that tensors of other sizes fill badly, so RSS climbs past the tensor peak.
@@ -92,11 +98,13 @@ it and against profiler peaks of real steps in tests/memory/test_estimate.py:
 * logits (causal LM, training): peftlab's loss keeps an fp32 log-softmax and its backward makes
   two more fp32 tensors of that size, 12 · b · s · vocab bytes when backward starts (the logits
   themselves are dropped once the loss exists; a loop that keeps the model output adds their
-  bytes). Scoring one position (classification with a causal LM) costs one logits-sized gradient;
+  bytes); 15 · b · s · vocab with 16-bit logits (autocast: the fp32 copy the loss reads, and the
+  16-bit gradients of that cast and of the shifting slice, measured with the profiler). Scoring one position (classification with a causal LM) costs one logits-sized gradient;
 * padded batches: transformers passes SDPA the mask (b·s² bytes) and repeats grouped K/V;
 * a block's backward briefly adds gradients of its tensors, ``BACKWARD_WORKSPACE`` = 0.4 of its
   saved bytes (measured); so does the moment backward ends, when every gradient exists but only
-  the first block's tensors are left (this one can set a full fine-tuning's peak);
+  the first block's tensors are left (this one can set a full fine-tuning's peak), except the input
+  embeddings' gradients, made after that block (unless tied to the output layer);
 * gradient checkpointing keeps each block's input and recomputes one block at a time in
   backward: inputs + max(logits and loss buffers, 1.4 × one block);
 * inference: one block's working set plus the last position's logits (generation keeps one).
@@ -161,6 +169,12 @@ KNOWN_METHODS = tuple(METHODS)  # every registered method; the estimate asks eac
 # CPU training only: process memory that is not tensors (module docstring, "cpu runtime" and "cpu heap
 # slack"). The runtime is measured directly; the slack is fitted (experiments/memory_check/fit.py).
 CPU_RUNTIME = 20 * MiB
+# CPU with 16-bit compute (bf16 autocast): oneDNN JIT-compiles its low-precision matmul kernels on first
+# use, into anonymous memory (RSS that is no tensor): a one-time base and some per distinct linear shape
+# (measured: experiments/memory_check, 10 MiB + ~2 MiB per (in, out) shape and batch width; fp32 calls
+# precompiled BLAS and adds nothing).
+CPU_LOWP_RUNTIME_BASE = 10 * MiB
+CPU_LOWP_RUNTIME_PER_SHAPE = 2 * MiB
 HEAP_SLACK_BASE = 90 * MiB
 CPU_HEAP_SLACK = 0.38
 
@@ -421,12 +435,16 @@ def estimate(
         # only the output layer's for full fine-tuning (lm_head, or the classification head, comes first).
         first = shape.vocab * shape.hidden if shape.is_decoder else head_parameters(shape)
         early_grads = grads if not chosen.trains_base_weights else min(grads, first * w)
-        peak_phase, transient = _peak(activations + early_grads, grads + last_block, grads + opt_temp, notes,
+        # when the first block's backward runs, the input embeddings' gradients are still to come (unless
+        # they are the output layer's, tied, made first)
+        late = _input_embedding_parameters(shape) * w if chosen.trains_base_weights else 0
+        end = max(grads - late + last_block, grads)
+        peak_phase, transient = _peak(activations + early_grads, end, grads + opt_temp, notes,
                                       grads - early_grads, last_block, opt_temp)
     else:
         peak_phase, transient = "forward", activations
     cpu = train and device == "cpu"
-    runtime = CPU_RUNTIME if cpu else 0
+    runtime = (CPU_RUNTIME + (_lowp_kernels(shape) if c < 4 else 0)) if cpu else 0
     slack = int(HEAP_SLACK_BASE + CPU_HEAP_SLACK * heap_activations(step, activations)) if cpu and heap_slack else 0
 
     inputs = dict(model=shape.name, method=method, method_cfg=json.loads(json.dumps(cfg, default=str)),
@@ -441,6 +459,21 @@ def estimate(
                     cpu_heap_slack=int(slack), total_bytes=int(persistent + transient + runtime + slack),
                     total_params=count_parameters(shape), trainable_params=trainable, peak_phase=peak_phase,
                     inputs=inputs, notes=notes)
+
+
+def _input_embedding_parameters(shape: ModelShape) -> int:
+    """Token (unless tied to a decoder's output layer), position and token-type embeddings."""
+    tokens = 0 if shape.is_decoder and shape.tied else shape.vocab
+    positions = shape.max_positions if shape.family != "llama" else 0  # llama: rotary, no table
+    return (tokens + positions + shape.type_vocab) * shape.hidden
+
+
+def _lowp_kernels(shape: ModelShape) -> int:
+    """CPU, 16-bit compute: what oneDNN's JIT-compiled kernels take, by the base's distinct linear shapes
+    (the blocks' and the output layer's; one batch width each)."""
+    shapes = {(d_in, d_out) for d_in, d_out, _ in shape.linears().values()}
+    shapes.add((shape.hidden, shape.vocab if shape.is_decoder else 2))
+    return CPU_LOWP_RUNTIME_BASE + CPU_LOWP_RUNTIME_PER_SHAPE * len(shapes)
 
 
 def _weight_bytes(shape: ModelShape, adapted: Adapted, w: int, base_quant: str | None, double_quant: bool,

@@ -516,3 +516,61 @@ def test_parse_overrides():
                       "method.rank_pattern": {"v": 4}, "model": "llama-2-7b"}
     with pytest.raises(ConfigError):
         parse_overrides(["batch_size"])
+
+
+# --------------------------------------------------------------------------- #
+# The estimate assumes what `peftlab train` runs (issue 21)
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("overrides", [[], ["model=smollm2-135m"], ["model=smollm2-135m", "task=lm"],
+                                       ["task=arithmetic", "model=smollm2-135m", "trainer.batch_size=1"]])
+def test_cli_defaults_are_what_peftlab_train_composes(overrides):
+    """Task type, length, batch, precision, checkpointing, optimizer and the base's dtype: from conf/,
+    as the trainer's composition gives them, not a table of their own."""
+    from peftlab.config import compose, validate
+    from peftlab.memory.cli import run_defaults
+
+    cfg = validate(compose(overrides))
+    values = parse_overrides(overrides)
+    v = {**run_defaults(values), **values}
+    assert v["task.type"] == cfg.task.type and v["task.max_length"] == cfg.task.max_length
+    assert v["trainer.batch_size"] == cfg.trainer.batch_size and v["trainer.precision"] == cfg.trainer.precision
+    assert v["trainer.gradient_checkpointing"] == cfg.trainer.gradient_checkpointing
+    assert v["optim.name"] == cfg.optim.name and v["model.dtype"] == cfg.model.dtype
+    e = build_estimate(values, device_hint="cpu")
+    assert e.inputs["task"] == cfg.task.type and e.inputs["seq_len"] == cfg.task.max_length
+    assert e.inputs["padded"] is (cfg.trainer.batch_size > 1)  # peftlab pads a batch of several examples
+    assert e.inputs["weights_dtype"] == "fp32"  # conf/model/*.yaml: float32; bf16 precision is autocast
+    # what every result.json stores is the same estimate
+    from peftlab.training.trainer import estimate_for
+
+    stored = estimate_for(cfg, torch.device("cpu"))
+    assert stored["inputs"] == e.inputs and stored["total_bytes"] == e.total_bytes
+
+
+def test_the_default_causal_lm_run_is_classification_through_one_position():
+    """The issue's case: `peftlab estimate model=smollm2-135m` is `peftlab train`'s sentiment run, whose
+    loss scores one position (one logits-sized gradient), not a causal-LM loss over every position."""
+    default = build_estimate(parse_overrides(["model=smollm2-135m"]), device_hint="cpu")
+    lm = build_estimate(parse_overrides(["model=smollm2-135m", "task=lm", "task.max_length=64"]), device_hint="cpu")
+    assert default.inputs["task"] == "classification" and lm.inputs["task"] == "lm"
+    vocab_tokens = 32 * 64 * 49152
+    assert lm.activations - default.activations == pytest.approx((12 - 4) * vocab_tokens, rel=0.01)
+
+
+def test_padding_follows_the_batch_unless_told():
+    at = lambda *o: build_estimate(parse_overrides(["model=smollm2-135m", *o]), device_hint="cpu")  # noqa: E731
+    assert at("trainer.batch_size=1").inputs["padded"] is False
+    assert at("trainer.batch_size=2").inputs["padded"] is True
+    assert at("trainer.batch_size=8", "estimate.padded=false").inputs["padded"] is False
+    assert at("trainer.batch_size=1", "estimate.padded=true").inputs["padded"] is True
+    # a padded batch costs the mask and grouped-query K/V repeated to every head
+    assert at("estimate.padded=true").activations > at("estimate.padded=false").activations
+
+
+def test_cli_unknown_task_names_the_key(capsys):
+    assert estimate_main(["task=sentimnet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: task: ") and "sentiment" in err[0]
+    # a task of one's own is a file read through a shipped task, its type overridden
+    assert estimate_main(["task.source=csv", "+task.path=x.csv", "task.type=lm", "model=smollm2-135m", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["inputs"]["task"] == "lm"
