@@ -202,6 +202,19 @@ class Method:
       identity_at_init  whether the adapted model equals the base before training
       size_key          the config field that sets its size for budget matching (``r``,
                         ``num_virtual_tokens``, ...); None for a fixed size (peftlab/training/budget.py)
+      checkpointing_conflict  None, or why trainer.gradient_checkpointing cannot run with it (the
+                        trainer refuses the combination before any evaluation)
+
+    What the memory estimate reads (peftlab/memory/estimate.py; defaults fit a weight-space method):
+      trains_base_weights          the base's own weights train, in their dtype (full fine-tuning)
+      gradient_reaches_every_block its parameters sit at the input or in every block (prompt, prefix,
+                                   BitFit), so every block keeps activations; else they start at the
+                                   first adapted layer
+      gradient_reaches_embeddings  the embeddings' output needs a gradient (prompt tuning, BitFit)
+      lengthens_sequence           its virtual tokens are positions every block computes (prompt tuning)
+      memory_approximate           True until its terms were checked tensor by tensor (a note says so)
+    and the hooks ``virtual_tokens``, ``base_quantization``, ``saved_for_backward``,
+    ``weight_copy_bytes``, ``fixed_activation_bytes``, ``training_state_bytes`` below.
     """
 
     name: ClassVar[str] = "?"
@@ -216,6 +229,7 @@ class Method:
     gradient_reaches_embeddings: ClassVar[bool] = False
     lengthens_sequence: ClassVar[bool] = False
     memory_approximate: ClassVar[bool] = True
+    checkpointing_conflict: ClassVar[str | None] = None
 
     def __init__(self, config: Any):
         self.config = config

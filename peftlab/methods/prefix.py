@@ -145,6 +145,11 @@ class PrefixTuning(Method):
     identity_at_init = False  # the prefix changes the outputs from the first step
     size_key = "num_virtual_tokens"
     gradient_reaches_every_block = True  # every block's attention reads the trained keys and values
+    # transformers' layers set the KV cache aside under gradient checkpointing (they log "Caching is
+    # incompatible with gradient checkpointing"): the prefix would be dropped silently (BERT) or the
+    # prefix-lengthened mask would not fit the keys (Llama); tests/methods/test_prefix.py shows both
+    checkpointing_conflict = ("its keys and values travel in the KV cache, which transformers' layers drop "
+                              "under gradient checkpointing")
 
     def validate_config(self) -> None:
         c = self.config

@@ -133,6 +133,12 @@ class Trainer:
             self.method, self.budget = match_budget(self.method, self.model, self.arch, cfg.budget)
             cfg.method = self.method.config
         self.method.check(self.model, self.arch)  # bad targets / ranks stop here, before any evaluation
+        if cfg.trainer.gradient_checkpointing:
+            if not getattr(self.model, "supports_gradient_checkpointing", False):
+                raise ConfigError("trainer.gradient_checkpointing", f"{self.arch.name} does not support it; allowed: false")
+            if self.method.checkpointing_conflict:
+                raise ConfigError("trainer.gradient_checkpointing",
+                                  f"{self.method.name}: {self.method.checkpointing_conflict}; allowed: false")
         self.model.to(self.device)
         self.total_parameters_base = sum(p.numel() for p in self.model.parameters())
 
@@ -158,9 +164,7 @@ class Trainer:
         self.own = self.method.trainable_parameters(self.model)
         self.dist.broadcast_parameters([*self.own.values(), *self.head.values()])
         self.dist.seed_dropout(self.cfg.seed)
-        if self.cfg.trainer.gradient_checkpointing:
-            if not getattr(self.model, "supports_gradient_checkpointing", False):
-                raise ConfigError("trainer.gradient_checkpointing", f"{self.arch.name} does not support it; allowed: false")
+        if self.cfg.trainer.gradient_checkpointing:  # checked in setup(), before any evaluation
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def parameter_counts(self) -> dict:

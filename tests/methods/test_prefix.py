@@ -142,3 +142,43 @@ def test_prefix_collapse_and_round_trip(tmp_path):
 def test_prefix_bad_config(config, key):
     with pytest.raises(ConfigError, match=f"^{key}: "):
         make("prefix", **config)
+
+
+def test_gradient_checkpointing_drops_the_prefix_so_the_trainer_refuses_it(tmp_path):
+    """Why prefix tuning declares a checkpointing conflict: under checkpointing transformers' layers set
+    the cache aside, so on BERT the output no longer depends on the prefix, and on Llama the
+    prefix-lengthened mask no longer fits the keys. peftlab train stops before any evaluation."""
+    from conftest import tiny_bert, tiny_llama
+    from peftlab.methods import METHODS
+
+    ids, mask = torch.randint(0, 128, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    bert = tiny_bert(0)
+    method = METHODS["prefix"](METHODS["prefix"].config_class(num_virtual_tokens=4, prefix_projection=False))
+    method.apply(bert)
+    with_prefix = bert(input_ids=ids, attention_mask=mask).logits.detach()
+    bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bert.train()  # checkpointing acts in training, with gradients on
+    for module in bert.modules():  # dropout off: the same forward, checkpointed
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    checkpointed = bert(input_ids=ids, attention_mask=mask).logits.detach()
+    method.encoder(bert).prefix.data.mul_(5.0)
+    moved = bert(input_ids=ids, attention_mask=mask).logits.detach()
+    assert not torch.allclose(checkpointed, with_prefix, atol=1e-4)  # the prefix is gone ...
+    torch.testing.assert_close(moved, checkpointed)                  # ... and changing it changes nothing
+    llama = tiny_llama(0).train()
+    METHODS["prefix"](METHODS["prefix"].config_class(num_virtual_tokens=4)).apply(llama)
+    llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(RuntimeError):
+        llama(input_ids=ids, attention_mask=mask)
+
+    from peftlab.cli import main
+
+    assert METHODS["prefix"].checkpointing_conflict
+    code = main(["train", "model=minilm", "method=prefix", "trainer.gradient_checkpointing=true",
+                 "trainer.max_steps=1", f"hydra.run.dir={tmp_path}", "trainer.progress=false"])
+    import json
+
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert code == 2 and result["status"] == "failed" and "trainer.gradient_checkpointing" in result["reason"]
+    assert not (result.get("metrics") or {}).get("before")  # refused before the base was evaluated
