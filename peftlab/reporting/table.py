@@ -74,7 +74,8 @@ def lower_is_better(metric: str) -> bool:
 def available_metrics(runs: list[Run]) -> list[str]:
     names = set()
     for run in runs:
-        names |= set(dig(run.result, "metrics", "after", "test") or {}) - {"n"}
+        values = dig(run.result, "metrics", "after", "test") or {}
+        names |= {k for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} - {"n"}
         probes = dig(run.result, "forgetting", "probes") or {}
         if probes:
             names |= {"forgetting"} | {f"forgetting.{probe}" for probe in probes}

@@ -21,7 +21,7 @@ from peftlab.errors import ConfigError
 from peftlab.tasks.base import Task, pad
 
 METRICS_DIR = Path(__file__).parent / "metrics"
-METRICS = ("accuracy", "f1")
+METRICS = ("accuracy", "f1", "f1_positive", "matthews")  # the headline; every one is reported
 
 
 class ClassificationTask(Task):
@@ -128,6 +128,7 @@ class ClassificationTask(Task):
             references += batch["labels"].tolist()
         return {
             **compute_metric(self.metric_name, predictions, references),
+            **diagnostics(predictions, references, self.num_labels, list(self.cfg.labels)),
             "loss": sum(losses) / max(len(references), 1),
             # per example, in split order (run() moves both lists out of result.json into predictions.json)
             "predictions": predictions,
@@ -136,10 +137,34 @@ class ClassificationTask(Task):
 
 
 def compute_metric(name: str, predictions: list[int], references: list[int]) -> dict[str, float]:
+    """The headline metric: accuracy (the shipped evaluate module), macro-F1, F1 of class 1, or
+    Matthews correlation (CoLA's)."""
     if name == "accuracy":
         import evaluate
 
         return evaluate.load(str(METRICS_DIR / "accuracy.py")).compute(predictions=predictions, references=references)
-    from sklearn.metrics import f1_score
+    from sklearn.metrics import f1_score, matthews_corrcoef
 
+    if name == "f1_positive":
+        return {"f1_positive": float(f1_score(references, predictions, pos_label=1, average="binary", zero_division=0))}
+    if name == "matthews":
+        return {"matthews": float(matthews_corrcoef(references, predictions))}
     return {"f1": float(f1_score(references, predictions, average="macro"))}
+
+
+def diagnostics(predictions: list[int], references: list[int], num_labels: int, names: list) -> dict:
+    """What reading a classification result needs beside its headline: the majority-class rate of the
+    split (what always guessing its most frequent class scores), recall per class (a class the model
+    never predicts shows as 0), macro-F1 and Matthews correlation."""
+    from collections import Counter
+
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    if not references:
+        return {}
+    counts = Counter(references)
+    label = lambda i: str(names[i]) if i < len(names) else str(i)  # noqa: E731
+    recall = {label(c): sum(p == y == c for p, y in zip(predictions, references)) / n for c, n in sorted(counts.items())}
+    return {"majority_rate": max(counts.values()) / len(references), "majority_class": label(counts.most_common(1)[0][0]),
+            "recall": recall, "macro_f1": float(f1_score(references, predictions, average="macro", zero_division=0)),
+            "mcc": float(matthews_corrcoef(references, predictions)) if len(set(references) | set(predictions)) > 1 else 0.0}
