@@ -22,7 +22,7 @@ from peftlab.paths import CONF_DIR
 @dataclass
 class TaskConfig:
     name: str = "sentiment"
-    type: str = "classification"     # classification | multiple_choice | lm
+    type: str = "classification"     # classification | regression | multiple_choice | lm
     source: str = "rotten_tomatoes"  # rotten_tomatoes | hamlet | chatterbot | humaneval | arithmetic | piqa | openbookqa | commonsenseqa | siqa | csv | jsonl
     path: Optional[str] = None       # csv / jsonl file for source=csv|jsonl
     delimiter: Optional[str] = None  # csv: the field separator (None: tab for .tsv files, else a comma)
@@ -40,7 +40,7 @@ class TaskConfig:
     split_seed: int = 0              # the split is fixed by this seed, not by the run's seed
     max_train_examples: Optional[int] = None  # cap on the training split (None = all)
     max_eval_examples: Optional[int] = None   # cap on validation/test examples evaluated (None = all)
-    metric: str = "accuracy"         # classification: accuracy | f1 ; multiple_choice: acc | acc_norm ; lm: perplexity
+    metric: str = "accuracy"         # classification: accuracy | f1 | f1_positive | matthews ; regression: pearson | spearman ; multiple_choice: acc | acc_norm ; lm: perplexity
     probes: list = field(default_factory=list)  # forgetting probes (see peftlab/tasks/probes.py)
 
 
@@ -115,7 +115,7 @@ CHOICES = {
     "model.source": ("package", "hf"),
     "model.dtype": ("float32", "bfloat16"),
     "model.pooling": ("cls", "mean"),
-    "task.type": ("classification", "multiple_choice", "lm"),
+    "task.type": ("classification", "regression", "multiple_choice", "lm"),
     "optim.name": ("adamw",),
     "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"),
@@ -205,10 +205,10 @@ def check_values(run: RunConfig) -> None:
         raise ConfigError("optim.weight_decay", f"got {o.weight_decay}; allowed: a number >= 0")
     if not 0 <= o.warmup_ratio < 1:
         raise ConfigError("optim.warmup_ratio", f"got {o.warmup_ratio}; allowed: a number in [0, 1)")
-    if run.model.pooling != "cls" and (run.model.kind != "encoder" or run.task.type != "classification"):
+    if run.model.pooling != "cls" and (run.model.kind != "encoder" or run.task.type == "lm"):
         raise ConfigError("model.pooling", f"got {run.model.pooling!r} for a {run.model.kind} model on a {run.task.type} "
-                          "task; allowed: cls (pooling applies to encoder classifiers; causal models classify by "
-                          "the verbalizer's next-token logits)")
+                          "task; allowed: cls (pooling applies to an encoder's head; causal models score by "
+                          "next-token logits)")
     if run.model.source == "hf" and not run.model.path:
         raise ConfigError("model.path", "model=hf needs model.path=<transformers model id or local directory>")
 

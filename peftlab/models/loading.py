@@ -190,7 +190,7 @@ def _pass_mask_to_pooler(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
     encoder.pooler.mask = call_kwargs(encoder, args, kwargs).get("attention_mask")
 
 
-ENCODER_TASK_TYPES = ("classification", "multiple_choice")  # a head over the pooled text, or over each option
+ENCODER_TASK_TYPES = ("classification", "regression", "multiple_choice")  # a head over the text, or each option
 
 
 def load_model(cfg: ModelConfig, task_type: str = "classification", num_labels: int = 2):

@@ -8,13 +8,15 @@ from peftlab.tasks.classification import ClassificationTask
 from peftlab.tasks.data import load_splits
 from peftlab.tasks.lm import LMTask
 from peftlab.tasks.multiple_choice import MultipleChoiceTask
+from peftlab.tasks.regression import RegressionTask
 
-TASK_TYPES = {"classification": ClassificationTask, "multiple_choice": MultipleChoiceTask, "lm": LMTask}
+TASK_TYPES = {"classification": ClassificationTask, "regression": RegressionTask,
+              "multiple_choice": MultipleChoiceTask, "lm": LMTask}
 
 
 def head_outputs(cfg: TaskConfig, splits: dict[str, list[dict]]) -> int:
     """Outputs of an encoder's fresh head: one per class, or one score per (context, option) pair."""
-    if cfg.type == "multiple_choice":
+    if cfg.type in ("multiple_choice", "regression"):  # one score per option / per example
         return 1
     if cfg.labels:  # the declared classes, whether or not each occurs in the data
         return len(cfg.labels)

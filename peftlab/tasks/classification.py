@@ -59,9 +59,7 @@ class ClassificationTask(Task):
     def encode(self, record: dict):
         max_length = self.cfg.max_length
         if not self.causal:
-            texts = (record["text"], record["pair"]) if "pair" in record else (record["text"],)
-            enc = self.tokenizer(*texts, truncation="longest_first", max_length=max_length)
-            return enc["input_ids"], enc.get("token_type_ids"), record["label"]
+            return (*encode_for_encoder(self.tokenizer, record, max_length), record["label"])
         if "pair" in record:
             prompt = self.pair_prompt(record)
         else:
@@ -134,6 +132,14 @@ class ClassificationTask(Task):
             "predictions": predictions,
             "references": references,
         }
+
+
+def encode_for_encoder(tokenizer, record: dict, max_length: int) -> tuple[list[int], list[int] | None]:
+    """(input ids, token type ids or None): one text, or a pair as ``[CLS] a [SEP] b [SEP]`` with the
+    longer side cut first."""
+    texts = (record["text"], record["pair"]) if "pair" in record else (record["text"],)
+    enc = tokenizer(*texts, truncation="longest_first", max_length=max_length)
+    return enc["input_ids"], enc.get("token_type_ids")
 
 
 def compute_metric(name: str, predictions: list[int], references: list[int]) -> dict[str, float]:

@@ -182,7 +182,7 @@ def tabular(cfg: TaskConfig) -> list[dict]:
     text_columns = text_column_names(cfg)
     keys = {f"task.text_column[{i}]" if len(text_columns) > 1 else "task.text_column": column
             for i, column in enumerate(text_columns)}
-    if cfg.type in ("classification", "multiple_choice"):
+    if cfg.type in ("classification", "regression", "multiple_choice"):
         keys["task.label_column"] = cfg.label_column
     if cfg.type == "multiple_choice":
         keys["task.options_column"] = cfg.options_column
@@ -193,6 +193,8 @@ def tabular(cfg: TaskConfig) -> list[dict]:
             raise ConfigError(key, f"column {column!r} not in {path.name}; allowed: {', '.join(map(str, rows[0]))}")
     if cfg.type == "multiple_choice":
         return [multiple_choice_row(cfg, r, path, i) for i, r in enumerate(rows, 1)]
+    if cfg.type == "regression":
+        return [{**text_fields(cfg, r), "label": finite_number(r[cfg.label_column], path, i)} for i, r in enumerate(rows, 1)]
     if cfg.type != "classification":
         return [{"text": str(r[cfg.text_column])} for r in rows]
     labels = [str(x) for x in cfg.labels] or sorted({str(r[cfg.label_column]) for r in rows})
@@ -203,10 +205,22 @@ def tabular(cfg: TaskConfig) -> list[dict]:
     return [{**text_fields(cfg, r), "label": index[str(r[cfg.label_column])]} for r in rows]
 
 
+def finite_number(value: Any, path: Path, row: int) -> float:
+    """A regression label: a finite number."""
+    try:
+        label = float(value)
+    except (TypeError, ValueError):
+        label = float("nan")
+    if label != label or label in (float("inf"), float("-inf")):
+        raise ConfigError("task.label_column", f"{path.name} row {row}: label {value!r} is not a number; "
+                          "allowed: a finite number for type regression")
+    return label
+
+
 def text_column_names(cfg: TaskConfig) -> list[str]:
     """``task.text_column``: one column, or two for text pairs (e.g. [question, passage])."""
     columns = [cfg.text_column] if isinstance(cfg.text_column, str) else [str(c) for c in cfg.text_column]
-    if not 1 <= len(columns) <= 2 or (len(columns) == 2 and cfg.type != "classification"):
+    if not 1 <= len(columns) <= 2 or (len(columns) == 2 and cfg.type not in ("classification", "regression")):
         raise ConfigError("task.text_column", f"got {cfg.text_column!r}; allowed: a column name, or two "
                           "[first, second] for text-pair classification")
     return columns
