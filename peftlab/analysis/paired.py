@@ -7,7 +7,8 @@ The base and the trained model answer the same test examples, so the right test 
     b = examples the run gets right and the base got wrong     c = the reverse
     Δ = (b − c) / n,   95% interval Δ ± 1.96 · √(b + c − (b − c)²/n) / n
     p = exact McNemar: two-sided binomial test of b against b + c trials at ½
-    p_holm = p adjusted (Holm–Bonferroni) for the number of runs tested together in one table
+    p_holm = p adjusted (Holm–Bonferroni) for the number of runs of the same task tested together
+             (runs of different tasks are separate families; the table says which task each row is)
 
 An unpaired comparison of two accuracies near 0.8 on n = 1000 needs Δ ≈ 0.036 to reach p < 0.05;
 the paired test needs only what the discordant examples say.
@@ -47,7 +48,8 @@ class Paired:
     wins: int         # b: right now, wrong before
     losses: int       # c: wrong now, right before
     p: float          # exact McNemar, two-sided
-    p_holm: float = float("nan")  # p adjusted for the number of runs in the table (Holm), set by paired_table
+    p_holm: float = float("nan")  # p adjusted for the runs of this task in the table (Holm), set by paired_table
+    task: str = "?"   # the run's task: each task is its own Holm family
 
 
 def mcnemar_p(wins: int, losses: int) -> float:
@@ -91,11 +93,13 @@ def read_predictions(run: Path) -> dict:
     return data
 
 
-def method_name(run: Path) -> str:
+def run_names(run: Path) -> tuple[str, str]:
+    """(method, task) of a run, from its result.json ("?" where it cannot be read)."""
     try:
-        return json.loads((Path(run) / "result.json").read_text(encoding="utf-8"))["method"]["name"]
-    except (OSError, ValueError, KeyError):
-        return "?"
+        result = json.loads((Path(run) / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "?", "?"
+    return (result.get("method") or {}).get("name", "?"), (result.get("task") or {}).get("name", "?")
 
 
 def reference_for(run: Path, data: dict, base_data: dict | None, base: Path | None,
@@ -131,9 +135,14 @@ def paired_table(runs: Sequence[Path], base: Path | None = None, split: str = "t
             raise PairedError(f"{run}: no {split!r} split; has {sorted(data['references'])}")
         if labels != reference["references"].get(split):
             raise PairedError(f"{run}: its {split} labels differ from {where}'s (not the same examples)")
-        rows.append(compare(reference[side][split], data["after"][split], labels, run.name, method_name(run)))
-    for row, adjusted in zip(rows, holm([r.p for r in rows])):
-        row.p_holm = adjusted
+        method, task = run_names(run)
+        row = compare(reference[side][split], data["after"][split], labels, run.name, method)
+        row.task = task
+        rows.append(row)
+    for task in dict.fromkeys(r.task for r in rows):  # one Holm family per task
+        family = [r for r in rows if r.task == task]
+        for row, adjusted in zip(family, holm([r.p for r in family])):
+            row.p_holm = adjusted
     return rows
 
 
@@ -150,11 +159,12 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def to_markdown(rows: Sequence[Paired], reference: str = "base") -> str:
-    lines = [f"| run | method | n | {reference} | accuracy | Δ | 95% interval of Δ | wins / losses | p (McNemar) | p (Holm) |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines = [f"| run | method | n | {reference} | accuracy | Δ | 95% interval of Δ | wins / losses | p (McNemar) "
+             "| p (Holm, within its task) | task |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r.run} | {r.method} | {r.n} | {r.base:.3f} | {r.accuracy:.3f} | {r.delta:+.3f} | "
-                     f"[{r.low:+.3f}, {r.high:+.3f}] | {r.wins} / {r.losses} | {r.p:.3g} | {r.p_holm:.3g} |")
+                     f"[{r.low:+.3f}, {r.high:+.3f}] | {r.wins} / {r.losses} | {r.p:.3g} | {r.p_holm:.3g} | {r.task} |")
     return "\n".join(lines) + "\n"
 
 

@@ -83,3 +83,26 @@ def test_holm_adjusts_step_down_and_stays_monotone():
     assert holm([0.04, 0.30, 0.01, 0.02]) == pytest.approx([0.08, 0.30, 0.04, 0.06])
     assert holm([0.5, 0.5]) == pytest.approx([1.0, 1.0])  # capped at 1
     assert holm([0.03, 0.02]) == pytest.approx([0.04, 0.04])  # the larger one never drops below the smaller
+
+
+def test_runs_of_different_tasks_are_separate_holm_families(tmp_path, capsys):
+    """Holm adjusts within a task: adding a run of another task leaves a task's adjusted p alone."""
+    labels = [i % 2 for i in range(40)]
+    wrong = [1 - y for y in labels]
+
+    def run(name, task, right):
+        folder = write_run(tmp_path / name, "lora", wrong, labels[:right] + wrong[right:], labels)
+        result = json.loads((folder / "result.json").read_text())
+        (folder / "result.json").write_text(json.dumps({**result, "task": {"name": task}}))
+        return folder
+
+    a1, a2, b1 = run("a1", "sentiment", 30), run("a2", "sentiment", 12), run("b1", "boolq", 25)
+    alone = {r.run: r.p_holm for r in paired_table([a1, a2])}
+    mixed = paired_table([a1, a2, b1])
+    assert {r.run: r.p_holm for r in mixed if r.task == "sentiment"} == alone
+    assert [r.task for r in mixed] == ["sentiment", "sentiment", "boolq"]
+    b_alone = paired_table([b1])[0]
+    assert mixed[2].p_holm == b_alone.p_holm == b_alone.p  # a family of one: unadjusted
+    assert paired_main([str(a1), str(b1)]) == 0
+    out = capsys.readouterr().out
+    assert "| task |" in out and out.rstrip().endswith("| boolq |")
