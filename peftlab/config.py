@@ -169,6 +169,12 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         raise ConfigError(key, "unknown top-level key; allowed: model, task, method, optim, trainer, logger, seed, "
                           "out_dir, budget, study")
     run = RunConfig(seed=seed, out_dir=out_dir, budget=budget, study=study, **groups)
+    if run.model.kind == "auto":  # model=hf: read it off the checkpoint's config.json
+        from peftlab.models.loading import infer_kind
+
+        if run.model.source == "hf" and not run.model.path:
+            raise ConfigError("model.path", "model=hf needs model.path=<transformers model id or local directory>")
+        run.model.kind = infer_kind(run.model)
     check_values(run)
     return run
 

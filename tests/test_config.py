@@ -23,7 +23,7 @@ CASES = [(g, o) for g in GROUPS for o in options(g)]
 def test_every_group_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if (group, option) == ("model", "hf"):
-        overrides.append("model.path=/tmp/some-model")
+        overrides += ["model.path=/tmp/some-model", "model.kind=causal"]  # kind=auto reads the model (tests/models)
     cfg = compose(overrides)
     run = validate(cfg)
     if group == "trainer":

@@ -27,7 +27,7 @@ from torch import nn
 from peftlab.errors import ConfigError
 from peftlab.paths import CONF_DIR
 from peftlab.models.signature import call_kwargs
-from peftlab.models.targets import family_of, position_limit
+from peftlab.models.targets import MODEL_TYPE_FAMILY, family_of, position_limit
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -41,7 +41,7 @@ class ModelConfig:
     subdir: str = ""                 # folder inside that package
     gguf_file: Optional[str] = None  # a GGUF file in that folder, dequantized to fp32 by transformers
     path: Optional[str] = None       # source=hf: a transformers model id or a local directory
-    kind: str = "encoder"            # encoder (sequence classification) | causal (causal LM)
+    kind: str = "encoder"            # encoder (sequence classification) | causal (causal LM) | auto (from the checkpoint's config)
     dtype: str = "float32"           # weights' dtype: float32 | bfloat16
     pooling: str = "cls"             # encoder classifiers: cls (the model's pooler over [CLS]) | mean (masked mean of the last hidden states)
 
@@ -130,6 +130,36 @@ def save_dequantized(model: nn.Module, folder: Path) -> None:
     config.pop("quantization_config", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     save_model(model, str(folder / "model.safetensors"))  # handles the tied embedding / lm_head
+
+
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+ENCODER_HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                 "ForMultipleChoice", "ForPreTraining", "ForNextSentencePrediction")
+
+
+def infer_kind(cfg: ModelConfig) -> str:
+    """encoder | causal for ``model.kind=auto``, from the checkpoint's own config.json (its
+    ``architectures``, else its model type), read without downloading anything."""
+    from transformers import AutoConfig
+
+    location = model_location(cfg)
+    try:
+        config = AutoConfig.from_pretrained(location, local_files_only=os.environ.get("HF_HUB_OFFLINE", "1") == "1")
+    except (OSError, ValueError) as err:
+        raise ConfigError("model.path", f"{location!r} holds no transformers model config ({str(err).splitlines()[0]}); "
+                          "allowed: a model directory with config.json, or a hub id") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith(CAUSAL_HEADS) for a in architectures):
+        return "causal"
+    if any(a.endswith(ENCODER_HEADS) for a in architectures):
+        return "encoder"
+    family = MODEL_TYPE_FAMILY.get(getattr(config, "model_type", ""))
+    if family in ("llama", "gpt2"):
+        return "causal"
+    if family == "bert":
+        return "encoder"
+    raise ConfigError("model.kind", f"cannot tell whether {location!r} ({getattr(config, 'model_type', '?')}, "
+                      f"architectures {architectures}) is an encoder or a causal LM; allowed: model.kind=encoder|causal")
 
 
 def load_tokenizer(location: str, cfg: ModelConfig):
