@@ -342,9 +342,11 @@ def test_a_kill_after_the_last_step_resumes_there_without_evaluating_the_base_ag
     monkeypatch.setattr(Trainer, "resume", lambda self, *a: _record(starts, resume(self, *a)))
     monkeypatch.setattr(Trainer, "evaluate", lambda self: evaluations.append(1) or evaluate(self))
     assert main(["train", *inputs, f"hydra.run.dir={run_dir}"]) == 0
-    assert starts == [STEPS] and len(evaluations) == 1  # only the tuned model was evaluated
+    assert starts == [STEPS], starts
+    assert len(evaluations) == 1  # only the tuned model was evaluated
     ours, theirs = result(run_dir), result(reference)
-    assert ours["status"] == "ok" and ours["metrics"] == theirs["metrics"]
+    assert ours["status"] == "ok", ours["reason"]
+    assert ours["metrics"] == theirs["metrics"], (ours["metrics"], theirs["metrics"])
     assert json.loads((run_dir / "predictions.json").read_text()) == json.loads((reference / "predictions.json").read_text())
 
 
