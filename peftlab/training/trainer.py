@@ -14,8 +14,8 @@ holds the base evaluation (peftlab/training/checkpoint.py). The run holds the ru
 dir's lock throughout, and SIGTERM / SIGINT end it as ``interrupted``.
 
 Divergence: a loss that is not finite, or one above ``trainer.divergence_factor`` × the
-mean loss of the first ``trainer.divergence_window`` steps for
-``trainer.divergence_steps`` steps in a row, ends the run ``diverged`` at that step,
+early mean loss (of the first ``trainer.divergence_window`` steps, leaving out losses already
+above it) for ``trainer.divergence_steps`` steps in a row, ends the run ``diverged`` at that step,
 before it is applied (``train.steps``: the steps completed). ``divergence_factor=0``
 turns the second rule off.
 
@@ -232,24 +232,29 @@ class Trainer:
         })
 
     def divergence(self, step: int, loss: float, progress: Progress) -> str | None:
-        """The divergence rule beyond non-finite losses (see the module docstring); updates the
-        running state in ``progress`` (checkpointed, so a resumed run judges as an uninterrupted one)."""
+        """The divergence rule beyond non-finite losses (see the module docstring). The reference
+        is the running mean of the first ``divergence_window`` losses, each checked against the
+        mean before it: a loss above ``factor`` × that mean counts towards the streak and is left
+        out (a loss that explodes at step 1 does not raise its own reference). The running state
+        lives in ``progress`` (checkpointed: a resumed run judges as an uninterrupted one)."""
         t = self.cfg.trainer
         if t.divergence_factor <= 0:
             return None
-        if progress.early_loss_count < t.divergence_window:
-            progress.early_loss_sum += loss
-            progress.early_loss_count += 1
+        if progress.early_loss_count == 0:
+            progress.early_loss_sum, progress.early_loss_count = loss, 1
             return None
         mean = progress.early_loss_sum / progress.early_loss_count
         if mean <= 0 or loss <= t.divergence_factor * mean:
             progress.above = 0
+            if progress.early_loss_count < t.divergence_window:
+                progress.early_loss_sum += loss
+                progress.early_loss_count += 1
             return None
         progress.above += 1
         if progress.above < t.divergence_steps:
             return None
-        return (f"loss {loss:.4g} at step {step}: above {t.divergence_factor:g} x the mean loss of the first "
-                f"{t.divergence_window} steps ({mean:.4g}) for {t.divergence_steps} steps in a row "
+        return (f"loss {loss:.4g} at step {step}: above {t.divergence_factor:g} x the early mean loss "
+                f"({mean:.4g}, of the first {progress.early_loss_count} steps) for {t.divergence_steps} steps in a row "
                 "(trainer.divergence_factor=0 turns this rule off)")
 
     def fit(self, tracker: Tracker) -> dict:
