@@ -14,7 +14,10 @@ concatenates it in front of the real keys and values; the attention mask gets n
 ones in front; the real tokens' positions start at n (RoPE models rotate them by
 n + t; BERT / GPT-2 read rows n..n+T-1 of the position table, so n + T must fit).
 The forward hooks are installed by ``apply``, so task code calls the model as
-before and reads ``.logits`` for its own T positions.
+before and reads ``.logits`` for its own T positions. ``generate`` works too (KV-cached
+incremental decoding): its empty cache gets the prefix on the first step and grows after,
+and its position ids move by n (tests/tasks/test_generation.py checks it against the
+full-sequence forward).
 
 Reparameterization: Li & Liang train P through an MLP on a smaller embedding
 (directly optimizing P was unstable); peft's encoder is the same (embedding
@@ -104,29 +107,47 @@ class PrefixEncoder(nn.Module):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
 
-    def cache(self, batch: int, dtype: torch.dtype):
-        """The prefix as a fresh DynamicCache: per layer (keys, values), each (B, kv_heads, n, head_dim)."""
-        from transformers import DynamicCache
-
+    def key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix per layer: (keys, values), each (B, kv_heads, n, head_dim)."""
         prefix = self().to(dtype)
         layers, _, n, _ = prefix.shape
         kv = prefix.view(layers, 2, n, self.kv_heads, self.head_dim).transpose(2, 3)  # (L, 2, H, n, d)
         kv = kv.unsqueeze(2).expand(-1, -1, batch, -1, -1, -1)  # (L, 2, B, H, n, d)
-        return DynamicCache([(kv[layer, 0], kv[layer, 1]) for layer in range(layers)])
+        return [(kv[layer, 0], kv[layer, 1]) for layer in range(layers)]
+
+    def cache(self, batch: int, dtype: torch.dtype):
+        """The prefix as a fresh DynamicCache."""
+        from transformers import DynamicCache
+
+        return DynamicCache(self.key_values(batch, dtype))
 
     def pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A full-sequence forward gets a fresh cache holding the prefix. Incremental decoding
+        (``generate``: a cache passed in) fills an empty cache with the prefix on the first step and
+        lets it grow after; explicit ``position_ids`` (generate's, from the attention mask) move by n,
+        as the model's own positions do when the prefix is in the cache."""
         kwargs = call_kwargs(model, args, kwargs)
-        for name in CACHE_ARGUMENTS:
-            if kwargs.get(name) is not None:
-                raise ValueError(f"prefix tuning serves full-sequence forwards only; got {name} "
-                                 "(incremental decoding is not supported)")
+        n = self.num_virtual_tokens
         reference = kwargs.get("input_ids")
         if reference is None:
             reference = kwargs["inputs_embeds"]
         batch, length = reference.shape[:2]
-        check_positions(model, self.num_virtual_tokens, length)
-        kwargs[cache_argument(model)] = self.cache(batch, model.get_input_embeddings().weight.dtype)
-        kwargs["attention_mask"] = prepend_mask(kwargs.get("attention_mask"), self.num_virtual_tokens)
+        given = next((name for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+        dtype = model.get_input_embeddings().weight.dtype
+        if given is None:
+            check_positions(model, n, length)
+            kwargs[cache_argument(model)] = self.cache(batch, dtype)
+        else:
+            cache = kwargs[given]
+            past = cache.get_seq_length()
+            if past == 0:  # the first decoding step: the prefix goes in first
+                for layer, (keys, values) in enumerate(self.key_values(batch, dtype)):
+                    cache.update(keys, values, layer)
+                past = n
+            check_positions(model, n, past - n + length)
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"] + n
+        kwargs["attention_mask"] = prepend_mask(kwargs.get("attention_mask"), n)
         return (), kwargs
 
     def extra_repr(self) -> str:

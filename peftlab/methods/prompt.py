@@ -21,6 +21,10 @@ repeated to n tokens (peft's TEXT, including special tokens the tokenizer adds);
 ``random`` is U(-0.5, 0.5), the paper's random init (peft's RANDOM leaves
 nn.Embedding's N(0, 1)). The adapted model is not the base at init.
 
+``generate`` (KV-cached incremental decoding) gets P on its first step only (the cache is empty
+then); later steps find P's keys and values in the cache, their attention masks get n ones in front
+and their position ids move by n. With left padding the first step's row is [P; pads; prompt].
+
 The virtual-token plumbing (hooks on the model's forward, position limits) is
 shared with :mod:`peftlab.methods.prefix`.
 """
@@ -127,17 +131,33 @@ class SoftPrompt(nn.Module):
         return {"embedding": self.embedding}
 
     def pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A full-sequence forward gets P in front. Incremental decoding (``generate``: a cache passed
+        in) prepends P on the first step only, when the cache is empty; later steps find P's keys and
+        values in the cache and get n ones in front of their attention mask. Explicit ``position_ids``
+        (generate's) move by n, P taking positions 0..n-1, as in a full-sequence forward."""
         kwargs = call_kwargs(model, args, kwargs)
         n = self.num_virtual_tokens
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("prompt tuning serves full-sequence forwards only; got past_key_values "
-                             "(incremental decoding is not supported)")
+        cache = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
+        past = cache.get_seq_length() if cache is not None else 0
+        positions = kwargs.get("position_ids")
+        self.full_length = None  # the logits' length when P is prepended (post_forward cuts P's positions)
+        if past > 0:  # P is in the cache already
+            length = (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]
+            check_positions(model, n, past - n + length)
+            kwargs["attention_mask"] = prepend_mask(kwargs.get("attention_mask"), n)
+            if positions is not None:
+                kwargs["position_ids"] = positions + n
+            return (), kwargs
         input_ids = kwargs.pop("input_ids", None)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = model.get_input_embeddings()(input_ids)  # (B, T, d)
         batch, length = embeds.shape[:2]
         check_positions(model, n, length)
+        self.full_length = n + length
+        if positions is not None:
+            virtual = torch.arange(n, device=positions.device, dtype=positions.dtype).expand(batch, n)
+            kwargs["position_ids"] = torch.cat([virtual, positions + n], dim=1)
         mask = kwargs.get("attention_mask")
         if self.decoder_classifier and mask is not None and bool((mask[:, -1] == 0).any()):
             raise ConfigError("method", "prompt tuning on a decoder classifier: it pools the last position, "
@@ -155,7 +175,9 @@ class SoftPrompt(nn.Module):
 
     def post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         logits = getattr(output, "logits", None)
-        if logits is not None and logits.dim() == 3:  # token-level (B, n+T, V): the task sees (B, T, V)
+        full = getattr(self, "full_length", None)
+        # token-level (B, n+T, V): the task sees (B, T, V); generate's prefill keeps the last position only
+        if logits is not None and logits.dim() == 3 and full is not None and logits.shape[1] == full:
             output.logits = logits[:, self.num_virtual_tokens:]
         return output
 
