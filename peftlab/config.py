@@ -81,9 +81,9 @@ class TrainerConfig:
     progress: bool = True
     checkpoint_every: int = 100      # steps between resumable checkpoints in run_dir/checkpoint/ (0 = off)
     overwrite: bool = False          # replace an ok result of another config in the same run dir
-    divergence_factor: float = 100.0  # diverged: loss > factor x mean of the first `window` steps ...
-    divergence_steps: int = 5        # ... for this many steps in a row (0 factor = rule off; non-finite always)
-    divergence_window: int = 10
+    divergence_factor: float = 100.0  # diverged: loss > factor x the early mean loss (of the first `window` steps,
+    divergence_steps: int = 5        # losses already above the bar left out) for this many steps in a row
+    divergence_window: int = 10      # (0 factor = rule off; a non-finite loss is always diverged)
 
 
 @dataclass
