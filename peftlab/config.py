@@ -33,6 +33,7 @@ class TaskConfig:
     text_column: Any = "text"        # a column, or two [first, second] for text pairs (e.g. [question, passage])
     label_column: str = "label"     # classification: the class; multiple_choice: the answer's index
     options_column: str = "options"  # multiple_choice (csv/jsonl): a list of option texts
+    completion_column: str = "completion"  # generation (csv/jsonl): the text the model should write after the prompt
     passage_column: Optional[str] = None  # multiple_choice (csv/jsonl): a passage the prompt shows as {passage}
     labels: list = field(default_factory=list)      # label values in class-index order
     verbalizer: list = field(default_factory=list)  # causal LM: one word per class, e.g. [" negative", " positive"]

@@ -165,6 +165,11 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 MODES = ("train", "inference")
 DEVICES = ("cuda", "cpu")
 ATTENTION = ("auto", "sdpa", "math", "eager")
+# A task type's loss, as the activation model sees it: next-token logits at every position (lm; generation's
+# completion loss computes them too), or one score per sequence (a multiple-choice option is a sequence of
+# its own: estimate it at batch × options)
+LOSS_KIND = {"lm": "lm", "generation": "lm", "classification": "classification", "regression": "classification",
+             "multiple_choice": "classification"}
 KNOWN_METHODS = tuple(METHODS)  # every registered method; the estimate asks each for its own terms
 # CPU training only: process memory that is not tensors (module docstring, "cpu runtime" and "cpu heap
 # slack"). The runtime is measured directly; the slack is fitted (experiments/memory_check/fit.py).
@@ -397,8 +402,8 @@ def estimate(
     _choice("mode", mode, MODES)
     _choice("trainer.device", device, DEVICES)
     _choice("estimate.attention", attention, ATTENTION)
-    task = _choice("task.type", ("lm" if shape.is_decoder else "classification") if task == "auto" else task,
-                   ("lm", "classification") if shape.is_decoder else ("classification",))
+    task = _choice("task.type", ("lm" if shape.is_decoder else "classification") if task == "auto"
+                   else LOSS_KIND.get(task, task), ("lm", "classification") if shape.is_decoder else ("classification",))
     if kv_cache_len is not None:
         kv_cache_len = _positive("estimate.kv_cache_len", kv_cache_len)
     base_quant, double_quant = _check_quant(chosen, base_quant, double_quant)

@@ -233,7 +233,7 @@ def load_model(cfg: ModelConfig, task_type: str = "classification", num_labels: 
     hf_logging.disable_progress_bar()
     location = model_location(cfg)
     if cfg.kind == "encoder" and task_type not in ENCODER_TASK_TYPES:
-        raise ConfigError("task", f"task type {task_type!r} needs a causal LM; model {cfg.name!r} is an encoder")
+        raise ConfigError("task.type", f"task type {task_type!r} needs a causal LM; model {cfg.name!r} is an encoder")
     try:
         if cfg.kind == "encoder":
             model, info = _load_pretrained(AutoModelForSequenceClassification, location, cfg, num_labels=num_labels)

@@ -223,6 +223,8 @@ def rows_to_records(cfg: TaskConfig, rows: list[dict], where: str, labels: list 
             for i, column in enumerate(text_columns)}
     if cfg.type in ("classification", "regression", "multiple_choice"):
         keys["task.label_column"] = cfg.label_column
+    if cfg.type == "generation":
+        keys["task.completion_column"] = cfg.completion_column
     if cfg.type == "multiple_choice":
         keys["task.options_column"] = cfg.options_column
         if cfg.passage_column:
@@ -232,6 +234,8 @@ def rows_to_records(cfg: TaskConfig, rows: list[dict], where: str, labels: list 
             raise ConfigError(key, f"column {column!r} not in {where}; allowed: {', '.join(map(str, rows[0]))}")
     if cfg.type == "multiple_choice":
         return [multiple_choice_row(cfg, r, path, i) for i, r in enumerate(rows, 1)]
+    if cfg.type == "generation":
+        return [{"text": str(r[cfg.text_column]).strip(), "completion": str(r[cfg.completion_column])} for r in rows]
     if cfg.type == "regression":
         return [{**text_fields(cfg, r), "label": finite_number(r[cfg.label_column], path, i)} for i, r in enumerate(rows, 1)]
     if cfg.type != "classification":

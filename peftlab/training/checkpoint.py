@@ -76,7 +76,7 @@ HASH_EXCLUDED_AT_DEFAULT = {"model.pooling": "cls", "trainer.divergence_factor":
                             "task.delimiter": None, "task.encoding": "utf-8",
                             "task.subset": None, "task.revision": None, "task.split_map": {},
                             "task.chat_template": "auto", "task.max_new_tokens": 32, "task.stop": None,
-                            "task.answer": "text"}
+                            "task.answer": "text", "task.completion_column": "completion"}
 FAIL_AT_STEP_ENV = "PEFTLAB_FAIL_AT_STEP"
 KILLED_EXIT_CODE = 137  # what a shell reports for a process killed with SIGKILL
 

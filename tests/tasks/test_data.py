@@ -154,3 +154,17 @@ def test_causal_pairs_fill_the_prompt_and_cut_the_passage(smollm2_tokenizer):
     with pytest.raises(ConfigError) as err:
         pair_task(smollm2_tokenizer, "causal", prompt="{context}: {question}")
     assert err.value.key == "task.prompt"
+
+
+def test_a_generation_file_names_its_completion_column(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"{i} + 1 =", "answer": f" {i + 1}"}) for i in range(12)) + "\n")
+    cfg = TaskConfig(name="qa", type="generation", source="jsonl", path=str(path), text_column="question",
+                     completion_column="answer", validation_size=2, test_size=2)
+    splits, _ = load_splits(cfg)
+    record = next(r for s in splits.values() for r in s if r["text"] == "3 + 1 =")
+    assert record["completion"] == " 4"
+    with pytest.raises(ConfigError) as err:
+        load_splits(TaskConfig(name="qa", type="generation", source="jsonl", path=str(path), text_column="question",
+                               validation_size=2, test_size=2))
+    assert err.value.key == "task.completion_column"
