@@ -179,14 +179,18 @@ def test_records_without_a_completion_and_encoder_models_stop(smollm2_tokenizer,
     with pytest.raises(ConfigError) as err:
         make_task(smollm2_tokenizer, records=[{"text": "a passage of Hamlet"}])
     assert err.value.key == "task.source" and "completion" in str(err.value)
-    path = tmp_path / "qa.jsonl"  # a file of questions and answers: the task has no completion column to read
+    path = tmp_path / "qa.jsonl"  # a file of questions and answers without the completion column the task names
     path.write_text("".join(json.dumps({"text": f"{i} + 1 =", "answer": str(i + 1)}) + "\n" for i in range(10)))
     cfg = validate(compose(["task=asdiv", "task.source=jsonl", f"+task.path={path}", "task.validation_size=2",
                             "task.test_size=2", "model=smollm2-135m"])).task
-    splits, facts = load_splits(cfg)
     with pytest.raises(ConfigError) as err:
-        build_task(cfg, smollm2_tokenizer, CAUSAL, splits, facts)
-    assert err.value.key == "task.source"
+        load_splits(cfg)
+    assert err.value.key == "task.completion_column" and "answer" in err.value.message  # it lists the columns
+    named = validate(compose(["task=asdiv", "task.source=jsonl", f"+task.path={path}", "task.validation_size=2",
+                              "task.test_size=2", "model=smollm2-135m", "+task.completion_column=answer",
+                              "task.prompt='{text}'"])).task
+    splits, facts = load_splits(named)
+    assert build_task(named, smollm2_tokenizer, CAUSAL, splits, facts).splits["test"][0]["completion"]
     encoder = SimpleNamespace(kind="encoder", name="minilm", max_positions=512)
     with pytest.raises(ConfigError) as err:
         make_task(smollm2_tokenizer, arch=encoder)
