@@ -71,7 +71,7 @@ def check_overrides(overrides: list[str]) -> list[str]:
                     options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
                     raise ConfigError(key, f"unknown {key} {choice!r}; allowed: {', '.join(options)}")
     if any("," in o.partition("=")[2] for o in overrides if not o.startswith("hydra")):
-        return overrides  # sweep values: each job is validated when it runs
+        return add_unstated_keys(overrides)  # sweep values: each job is validated when it runs
     try:
         cfg = compose(overrides)
     except Exception as err:  # Hydra's own composition errors
@@ -86,6 +86,31 @@ def check_overrides(overrides: list[str]) -> list[str]:
         return check_overrides(overrides)
     validate(cfg)
     return overrides
+
+
+def add_unstated_keys(overrides: list[str]) -> list[str]:
+    """For a sweep: give Hydra's '+' to ``group.key=value`` overrides whose key the chosen group YAML
+    does not state (``task.path`` of a task YAML without one), which a single run gets from
+    :func:`check_overrides` retrying; the group choices are composed once to see what they state."""
+    from peftlab.config import compose
+
+    choices = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in GROUPS and value:
+            choices.append(f"{key}={value.split(',')[0]}")  # the first job's choice: each states the same keys
+    try:
+        cfg = compose(choices)
+    except Exception:  # noqa: BLE001 - a bad choice is reported when the job runs
+        return overrides
+    out = []
+    for override in overrides:
+        group, _, field = override.partition("=")[0].partition(".")
+        if not override.startswith(("+", "~")) and group in GROUPS and field and "." not in field \
+                and field not in cfg.get(group, {}):
+            override = "+" + override
+        out.append(override)
+    return out
 
 
 def unwritable_output(overrides: list[str], multirun: bool) -> str | None:

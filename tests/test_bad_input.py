@@ -79,3 +79,12 @@ def test_command_line_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: method.r: got 0; allowed: an integer >= 1"
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_sweep_takes_keys_its_task_yaml_does_not_state():
+    """task.path (not in task=sentiment's YAML) works beside a swept value, as in a single run."""
+    from peftlab.cli import check_overrides
+
+    out = check_overrides(["task.source=csv", "task.path=/data/mine.csv", "task.text_column=review", "seed=0,1"])
+    assert out == ["task.source=csv", "+task.path=/data/mine.csv", "+task.text_column=review", "seed=0,1"]
+    assert check_overrides(["+task.path=/x.csv", "seed=0,1"]) == ["+task.path=/x.csv", "seed=0,1"]
