@@ -37,6 +37,7 @@ def check_result(result: dict, run_dir):
     assert rows and {"loss", "lr", "tokens_per_s"} <= set(rows[0])
     if on_disk["task"]["type"] == "classification":  # per-example predictions: out of result.json, into predictions.json
         predictions = json.loads((run_dir / "predictions.json").read_text())
+        assert predictions["labels"] == [str(x) for x in on_disk["config"]["task"]["labels"]]  # class index -> name
         for when in ("before", "after"):
             for split in ("validation", "test"):
                 metrics = on_disk["metrics"][when][split]

@@ -455,7 +455,8 @@ def _run(cfg: DictConfig | dict, run_dir: Path, writes: bool, signals: SignalGua
         result["memory"]["estimate"] = estimate_for(run_cfg, trainer.device, trainer.dist.world_size)
         after = take_predictions(trainer.evaluate(), per_example, "after") if outcome["status"] == "ok" else None
         if writes and per_example:
-            write_json_atomic(run_dir / "predictions.json", {"format": "peftlab-predictions-v1", **per_example})
+            names = {"labels": [str(label) for label in run_cfg.task.labels]} if run_cfg.task.labels else {}
+            write_json_atomic(run_dir / "predictions.json", {"format": "peftlab-predictions-v1", **names, **per_example})
         result["metrics"] = {"before": before, "after": after}
         if trainer.probes and probes_before is not None and after is not None:
             result["forgetting"] = forgetting_report(trainer.probes, probes_before, trainer.evaluate_probes())
